@@ -249,12 +249,29 @@ def load_dense(source: Source, head: str, num_labels: int, seed: int):
     torch.manual_seed(seed)
     with _quiet():
         model = cls.from_pretrained(source.path, dtype=torch.float32, **source.kwargs, **extra)
-        tokenizer = AutoTokenizer.from_pretrained(source.path, **source.kwargs)
+        # a local folder written by `save_pretrained` alone has no tokenizer: convert the weights, copy no tokenizer
+        tokenizer = AutoTokenizer.from_pretrained(source.path, **source.kwargs) if _has_tokenizer(source) else None
     if getattr(model, "hf_quantizer", None) is not None:  # GGUF weights arrive dequantised; drop the marker
         model.hf_quantizer.remove_quantization_config(model)
-    if head == "sequence-classification" and model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
+    if (
+        head == "sequence-classification"
+        and model.config.pad_token_id is None
+        and tokenizer is not None
+        and tokenizer.pad_token_id is not None
+    ):
         model.config.pad_token_id = tokenizer.pad_token_id
     return model.eval(), tokenizer
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def _has_tokenizer(source: Source) -> bool:
+    """False only for a local model folder without any tokenizer file (a GGUF or a Hub id carries or fetches one)."""
+    folder = Path(source.path)
+    if source.gguf_file or not folder.is_dir():
+        return True
+    return any((folder / name).is_file() for name in _TOKENIZER_FILES)
 
 
 def parse_layers(spec: str | list[int] | None, num_layers: int) -> list[int]:
@@ -590,7 +607,8 @@ def write_checkpoint(routed, tokenizer, records, plan_: Plan, save_dtype, load_s
         routed.to(save_dtype)
         routed.config.dtype = save_dtype
         routed.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(model_card(routed, records, plan_))
         conversion = {
             "format_version": 1,
