@@ -471,7 +471,9 @@ def route_dense_model(dense, plan_: Plan, progress: bool = True):
         routed = cls(config)
     routed.load_state_dict(state, strict=True)
     routed.tie_weights()  # load_state_dict copied lm_head and embed_tokens into separate tensors
-    routed.generation_config = dense.generation_config
+    generation_config = getattr(dense, "generation_config", None)  # a sequence-classification model has none
+    if generation_config is not None:
+        routed.generation_config = generation_config
     return routed.eval(), records
 
 

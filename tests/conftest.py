@@ -71,3 +71,92 @@ def standin_gguf() -> Path:
 def _seed_and_threads():
     torch.manual_seed(0)
     yield
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Added for the architecture and converter tests (test_config, test_partition, test_equivalence, test_routing,
+# test_sparse, test_convert). Nothing above this line was changed.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def routing_plan(dense, num_experts, top_k=None, layers=None, head="causal-lm", method="kmeans", router="centroid",
+                 seed=0, num_labels=2):  # fmt: skip
+    """A `convert.Plan` built by hand for an in-memory dense model (no files): what `convert.plan` would return."""
+    import convert
+
+    n_layers = dense.config.num_hidden_layers
+    return convert.Plan(
+        source=convert.Source("tiny-random-llama"),
+        out_dir=None,
+        base_config=dense.config,
+        layers=list(range(n_layers)) if layers is None else list(layers),
+        num_experts=num_experts,
+        top_k=num_experts if top_k is None else top_k,
+        head=head,
+        num_labels=num_labels,
+        seed=seed,
+        method=method,
+        router=router,
+        dtype="float32",
+        overwrite=False,
+        push_to_hub=None,
+        n_init=1,
+    )
+
+
+@pytest.fixture
+def route_dense():
+    """route_dense(dense, N, k=None, **plan_kwargs) -> routed model (eval, fp32) through `convert.route_dense_model`."""
+    import convert
+
+    def _route(dense, num_experts, top_k=None, **kw):
+        routed, _records = convert.route_dense_model(dense, routing_plan(dense, num_experts, top_k, **kw), progress=False)
+        return routed
+
+    return _route
+
+
+TINY_N, TINY_K = 5, 2  # the session's converted tiny checkpoint: 150 neurons into 5 clusters of 30, keep 2
+
+
+@pytest.fixture(scope="session")
+def tiny_dense_dir(tmp_path_factory) -> Path:
+    """A tiny random dense Llama (3 layers, GQA, I = 150) saved with save_pretrained (no tokenizer)."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(1234)
+    path = tmp_path_factory.mktemp("tiny-dense") / "llama"
+    LlamaForCausalLM(tiny_llama_config()).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_converted_dir(tiny_dense_dir, tmp_path_factory) -> Path:
+    """`tiny_dense_dir` converted by `convert.convert` with N = TINY_N, k = TINY_K (k-means, seed 0)."""
+    import convert
+
+    out = tmp_path_factory.mktemp("tiny-routed") / "routed"
+    return convert.convert(str(tiny_dense_dir), out, num_experts=TINY_N, top_k=TINY_K, progress=False)
+
+
+STANDIN_N, STANDIN_K = 32, 16  # the converter's defaults
+
+
+@pytest.fixture(scope="session")
+def standin_converted(standin_gguf, tmp_path_factory) -> Path:
+    """The stand-in converted once per session by the command line's `main` (N = 32, k = 16, k-means, fp32)."""
+    import convert
+
+    out = tmp_path_factory.mktemp("standin") / "routed"
+    rc = convert.main(["stand-in", str(out), "--num-experts", str(STANDIN_N), "--top-k", str(STANDIN_K), "--no-progress"])
+    assert rc == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def standin_dense(standin_gguf):
+    """The stock transformers LlamaForCausalLM of the stand-in GGUF, fp32, loaded once per session."""
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(standin_gguf.parent, gguf_file=standin_gguf.name, dtype=torch.float32)
+    return model.eval()
