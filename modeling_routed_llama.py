@@ -81,13 +81,14 @@ class RoutedLlamaRouter(nn.Module):
         if self.kind == "centroid":
             # fp32 so that bf16 rounding does not create ties that different implementations break differently
             return F.linear(x.float(), self.centroids.float())  # (M, N)
-        sizes = self.expert_offsets.diff()  # (N,)
-        expert_of_neuron = torch.repeat_interleave(
-            torch.arange(self.num_experts, device=h.device), sizes, output_size=h.shape[-1]
-        )  # (I,)
         sq = torch.zeros(h.shape[0], self.num_experts, device=h.device, dtype=torch.float32)  # (M, N)
-        sq.index_add_(1, expert_of_neuron, h.float().square())
-        return (sq / sizes.float()).sqrt()  # RMS, so a cluster one neuron larger is not favoured
+        sq.index_add_(1, self.expert_of_neuron(h.shape[-1]), h.float().square())
+        return (sq / self.expert_offsets.diff().float()).sqrt()  # RMS: a cluster one neuron larger is not favoured
+
+    def expert_of_neuron(self, intermediate_size: int) -> torch.Tensor:
+        """Cluster id of every intermediate neuron, (I,), from the offsets (no host sync)."""
+        neurons = torch.arange(intermediate_size, device=self.expert_offsets.device)
+        return torch.searchsorted(self.expert_offsets[1:], neurons, right=True)  # (I,)
 
     def forward(self, x: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
         """Kept cluster ids, (M, k), for tokens x (M, H)."""
@@ -162,9 +163,7 @@ class RoutedLlamaMLP(nn.Module):
         keep_ids = self.router(x, h)  # (M, k)
         keep = torch.zeros(x.shape[0], self.router.num_experts, device=x.device, dtype=h.dtype)  # (M, N)
         keep.scatter_(1, keep_ids, 1)
-        keep = keep.repeat_interleave(
-            self.router.expert_offsets.diff(), dim=1, output_size=self.intermediate_size
-        )  # (M, I)
+        keep = keep.index_select(1, self.router.expert_of_neuron(self.intermediate_size))  # (M, I)
         return self.down_proj(h * keep)
 
     def forward_sparse(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""LoRA fine-tuning of plain and routed Llamas on GLUE, with paired statistics: `python -m finetune --help`."""

@@ -198,8 +198,10 @@ def run_one(cfg: RunConfig | dict) -> dict:
     _SequentialEvalTrainer = _sequential_eval_trainer()
 
     class EpochMetrics(TrainerCallback):
+        recording = True  # off once training ends, so the routing-off evaluation is not taken for an epoch
+
         def on_evaluate(self, args, state, control, metrics=None, **kw):
-            if state.epoch is not None and state.global_step > 0:
+            if self.recording and state.epoch is not None and state.global_step > 0:
                 per_epoch.append({"epoch": round(state.epoch, 4), **_strip(metrics)})
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -237,7 +239,7 @@ def run_one(cfg: RunConfig | dict) -> dict:
             data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8),
             compute_metrics=metrics_fn,
             preprocess_logits_for_metrics=argmax_on_device,
-            callbacks=[EpochMetrics()],
+            callbacks=[epoch_metrics := EpochMetrics()],
         )
         trainer.remove_callback(PrinterCallback)  # the harness prints one line per run instead
         before = _strip(trainer.evaluate())
@@ -249,6 +251,7 @@ def run_one(cfg: RunConfig | dict) -> dict:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         train_seconds = time.perf_counter() - t0
+        epoch_metrics.recording = False
         peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
         if not per_epoch:
             raise RuntimeError("no evaluation ran during training")
