@@ -110,7 +110,8 @@ def route_dense():
     import convert
 
     def _route(dense, num_experts, top_k=None, **kw):
-        routed, _records = convert.route_dense_model(dense, routing_plan(dense, num_experts, top_k, **kw), progress=False)
+        plan = routing_plan(dense, num_experts, top_k, **kw)
+        routed, _records = convert.route_dense_model(dense, plan, progress=False)
         return routed
 
     return _route
@@ -148,7 +149,8 @@ def standin_converted(standin_gguf, tmp_path_factory) -> Path:
     import convert
 
     out = tmp_path_factory.mktemp("standin") / "routed"
-    rc = convert.main(["stand-in", str(out), "--num-experts", str(STANDIN_N), "--top-k", str(STANDIN_K), "--no-progress"])
+    args = ["--num-experts", str(STANDIN_N), "--top-k", str(STANDIN_K), "--no-progress"]
+    rc = convert.main(["stand-in", str(out), *args])
     assert rc == 0
     return out
 

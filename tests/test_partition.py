@@ -56,7 +56,9 @@ def planted_keys(n_clusters=6, size=20, hidden=32, noise=0.15, seed=0):
     rng = np.random.default_rng(seed)
     centers = rng.normal(size=(n_clusters, hidden))
     true = rng.permutation(np.repeat(np.arange(n_clusters), size))  # (I,)
-    keys = centers[true] + noise * rng.normal(size=(len(true), hidden)) * np.linalg.norm(centers, axis=1).mean() / np.sqrt(hidden)
+    keys = centers[true] + noise * rng.normal(size=(len(true), hidden)) * np.linalg.norm(
+        centers, axis=1
+    ).mean() / np.sqrt(hidden)
     keys *= rng.uniform(0.2, 5.0, size=(len(true), 1))  # row norms must not matter: k-means runs on directions
     return keys.astype(np.float32), true
 

@@ -16,9 +16,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 import modeling_routed_llama as mrl
 from configuration_routed_llama import RoutedLlamaConfig
 
-
 TOL = 1e-5
-H, I = 48, 100
+H = 48  # hidden size; the intermediate size is OFFSETS[-1] = 100
 OFFSETS = [0, 7, 30, 31, 55, 80, 100]  # N = 6 uneven clusters: 7, 23, 1, 24, 25, 20 neurons
 SHAPES = [(1, 1), (1, 7), (2, 5), (3, 1), (4, 3), (5, 16), (6, 4), (7, 2), (8, 1), (8, 9)]  # (batch, sequence length)
 

@@ -1,0 +1,301 @@
+"""The converter end to end: what it writes, reproducibility, loading in a fresh process, and refusing bad input."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, STANDIN_K, STANDIN_N, TINY_K
+from safetensors.torch import load_file
+from transformers import AutoTokenizer
+
+import convert
+import modeling_routed_llama as mrl
+
+
+def convert_tiny(src, out, *extra, capsys=None):
+    """convert.main in-process; returns (exit code, stdout lines, stderr lines) when capsys is given."""
+    rc = convert.main([str(src), str(out), "--no-progress", *extra])
+    if capsys is None:
+        return rc
+    cap = capsys.readouterr()
+    return rc, cap.out.strip().splitlines(), cap.err.strip().splitlines()
+
+
+def sha256(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def match_rows(converted, original):
+    """perm with converted[j] == original[perm[j]] bit for bit, by exact row matching; (I, H) each."""
+    eq = (converted[:, None, :] == original[None, :, :]).all(-1)  # (I, I)
+    assert (eq.sum(1) == 1).all(), "every converted row is exactly one original row"
+    return eq.float().argmax(1)
+
+
+def test_main_writes_a_complete_checkpoint(tiny_dense_dir, tmp_path, capsys):
+    """convert.main exits 0 with a one-line summary, and OUT_DIR holds the weights (the dense weights permuted), the
+    config, both .py files, generation config, the model card and conversion.json; no tokenizer (the source has
+    none)."""
+    out = tmp_path / "routed"
+    rc, stdout, _ = convert_tiny(tiny_dense_dir, out, "--num-experts", "4", "--top-k", "2", "--layers", "1-2",
+                                 "--seed", "3", capsys=capsys)  # fmt: skip
+    assert rc == 0
+    assert len(stdout) == 1 and stdout[0].startswith(f"wrote {out}: N=4 k=2 layers=1, 2")
+    names = {p.name for p in out.iterdir()}
+    assert {"model.safetensors", "config.json", "generation_config.json", "configuration_routed_llama.py",
+            "modeling_routed_llama.py", "README.md", "conversion.json"} <= names  # fmt: skip
+    assert not names & {"tokenizer.json", "tokenizer_config.json", "tokenizer.model"}
+    assert not [p for p in tmp_path.iterdir() if p.name != "routed"]  # no temporary folder left beside it
+    for name in ("configuration_routed_llama.py", "modeling_routed_llama.py"):  # the shipped code is the repo's
+        assert (out / name).read_bytes() == (ROOT / name).read_bytes()
+
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["routed_layers"] == [1, 2] and cfg["num_experts"] == 4 and cfg["num_experts_per_tok"] == 2
+    assert cfg["expert_offsets"][0] is None and cfg["expert_offsets"][1] == [0, 38, 76, 113, 150]
+    assert cfg["partition_method"] == "kmeans" and cfg["partition_seed"] == 3
+    assert cfg["base_model_name_or_path"] == str(tiny_dense_dir)
+
+    card = (out / "README.md").read_text()
+    for text in (
+        f"base_model: {tiny_dense_dir}",
+        "N = 4",
+        "k = 2",
+        "| routed layers | 1, 2 |",
+        "| partition | kmeans, seed 3 |",
+    ):
+        assert text in card, text
+
+    conv = json.loads((out / "conversion.json").read_text())
+    assert conv["num_experts"] == 4 and conv["num_experts_per_tok"] == 2 and conv["routed_layers"] == [1, 2]
+    assert conv["method"] == "kmeans" and conv["seed"] == 3 and conv["base_model"] == str(tiny_dense_dir)
+    assert set(conv["layers"]) == {"1", "2"}
+    for rec in conv["layers"].values():
+        assert set(rec) >= {"intra_cosine", "intra_cosine_random", "cluster_sizes", "seconds"}
+        assert -1 <= rec["intra_cosine_random"] < rec["intra_cosine"] <= 1
+        assert rec["cluster_sizes"] == [38, 38, 37, 37] and rec["seconds"] >= 0
+
+    # the weights: layer 0 untouched; layers 1-2 the dense rows/columns under one permutation per layer
+    dense = load_file(tiny_dense_dir / "model.safetensors")
+    routed = load_file(out / "model.safetensors")
+    assert not any(k.startswith("model.layers.0.mlp.router") for k in routed)
+    for name, t in dense.items():
+        if not any(name.startswith(f"model.layers.{i}.mlp.") for i in (1, 2)):
+            assert torch.equal(routed[name], t), name
+    for i in (1, 2):
+        p = f"model.layers.{i}.mlp."
+        perm = match_rows(routed[p + "gate_proj.weight"], dense[p + "gate_proj.weight"])
+        assert not torch.equal(perm, torch.arange(150))
+        assert torch.equal(routed[p + "up_proj.weight"], dense[p + "up_proj.weight"][perm])
+        assert torch.equal(routed[p + "down_proj.weight"], dense[p + "down_proj.weight"][:, perm])
+        assert routed[p + "router.expert_offsets"].tolist() == [0, 38, 76, 113, 150]
+        centroids = mrl.cluster_means(routed[p + "gate_proj.weight"], [0, 38, 76, 113, 150])
+        torch.testing.assert_close(routed[p + "router.centroids"], centroids, rtol=0, atol=0)
+
+
+def test_same_seed_is_bit_identical_other_seed_differs(tiny_dense_dir, tmp_path):
+    """Two conversions with the same seed write byte-identical safetensors; another seed permutes differently."""
+    args = ("--num-experts", "5", "--top-k", "2")
+    for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
+        assert convert_tiny(tiny_dense_dir, tmp_path / name, *args, "--seed", seed) == 0
+    assert sha256(tmp_path / "a" / "model.safetensors") == sha256(tmp_path / "b" / "model.safetensors")
+    a, c = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "c" / "model.safetensors")
+    assert a.keys() == c.keys()
+    differ = [k for k in a if not torch.equal(a[k], c[k])]
+    assert any(".mlp.gate_proj." in k for k in differ)
+    assert all(".mlp." in k for k in differ)  # only the FFNs and routers depend on the seed
+
+
+def test_sequence_classification_head_converts(tiny_dense_dir, tmp_path):
+    """--head sequence-classification converts (a score head seeded by --seed) and saves that architecture."""
+    out = tmp_path / "cls"
+    assert convert_tiny(tiny_dense_dir, out, "--num-experts", "5", "--top-k", "2", "--head", "sequence-classification",
+                        "--num-labels", "3") == 0  # fmt: skip
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["RoutedLlamaForSequenceClassification"] and len(cfg["id2label"]) == 3
+    weights = load_file(out / "model.safetensors")
+    assert weights["score.weight"].shape == (3, 64) and "lm_head.weight" not in weights
+
+
+FRESH_SCRIPT = textwrap.dedent(
+    """
+    import importlib.util, json, sys
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    assert importlib.util.find_spec("modeling_routed_llama") is None, "the repository is importable"
+    causal_dir, cls_dir = sys.argv[1], sys.argv[2]
+    causal = AutoModelForCausalLM.from_pretrained(causal_dir, trust_remote_code=True).eval()
+    cls = AutoModelForSequenceClassification.from_pretrained(cls_dir, trust_remote_code=True).eval()
+    ids = torch.tensor([[5, 17, 99, 42, 8, 23], [61, 3, 12, 77, 90, 31]])  # (B, T)
+    with torch.no_grad():
+        tokens = causal.generate(ids, do_sample=False, max_new_tokens=6, min_new_tokens=6)
+        logits = cls(input_ids=ids).logits  # (B, num_labels)
+    print("RESULT " + json.dumps({
+        "causal": type(causal).__module__ + "." + type(causal).__name__,
+        "cls": type(cls).__module__ + "." + type(cls).__name__,
+        "k": [m.router.top_k for m in causal.model.routed_mlps().values()],
+        "tokens": tokens.tolist(),
+        "logits": logits.tolist(),
+    }))
+    """
+)
+
+
+@pytest.fixture
+def clean_env(tmp_path):
+    """Environment of a fresh shell: no PYTHONPATH, offline, its own remote-code module cache."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "hf-modules"))
+    return env
+
+
+def test_converted_folder_loads_in_a_fresh_process(tiny_converted_dir, tiny_dense_dir, tmp_path, clean_env):
+    """A converted folder loads with trust_remote_code in a fresh Python process where the repository is not
+    importable, as AutoModelForCausalLM (and generates) and as AutoModelForSequenceClassification; the results equal
+    the repository's classes in this process."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    probe_code = "import importlib.util as u; print(u.find_spec('modeling_routed_llama'))"
+    probe = subprocess.run([sys.executable, "-c", probe_code], cwd=empty, env=clean_env, capture_output=True, text=True)
+    if probe.stdout.strip() != "None":
+        pytest.skip(f"modeling_routed_llama is importable outside the repository (pip-installed?): {probe.stdout}")
+    cls_dir = tmp_path / "cls"
+    assert convert_tiny(tiny_dense_dir, cls_dir, "--num-experts", "5", "--top-k", "2",
+                        "--head", "sequence-classification") == 0  # fmt: skip
+    script = tmp_path / "fresh.py"
+    script.write_text(FRESH_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), str(tiny_converted_dir), str(cls_dir)], cwd=empty,
+                          env=clean_env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[len("RESULT ") :])
+    assert res["causal"].startswith("transformers_modules.") and res["causal"].endswith(".RoutedLlamaForCausalLM")
+    assert res["cls"].startswith("transformers_modules.") and res["cls"].endswith(
+        ".RoutedLlamaForSequenceClassification"
+    )
+    assert res["k"] == [TINY_K] * 3
+
+    causal = mrl.RoutedLlamaForCausalLM.from_pretrained(tiny_converted_dir).eval()
+    cls = mrl.RoutedLlamaForSequenceClassification.from_pretrained(cls_dir).eval()
+    ids = torch.tensor([[5, 17, 99, 42, 8, 23], [61, 3, 12, 77, 90, 31]])
+    with torch.no_grad():
+        tokens = causal.generate(ids, do_sample=False, max_new_tokens=6, min_new_tokens=6)
+        logits = cls(input_ids=ids).logits
+    assert res["tokens"] == tokens.tolist() and len(res["tokens"][0]) == 12
+    np.testing.assert_allclose(np.array(res["logits"]), logits.numpy(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_standin_conversion_beats_random_in_every_layer(standin_converted, standin_gguf):
+    """The converted stand-in: k-means clusters are tighter than random ones in every one of the 30 layers, cluster
+    sizes are 1536 / 32 = 48, and the GGUF's tokenizer was written and tokenizes as the GGUF's does."""
+    conv = json.loads((standin_converted / "conversion.json").read_text())
+    assert conv["num_experts"] == STANDIN_N and conv["num_experts_per_tok"] == STANDIN_K
+    assert sorted(map(int, conv["layers"])) == list(range(30))
+    for i, rec in conv["layers"].items():
+        assert rec["intra_cosine"] > rec["intra_cosine_random"], i
+        assert rec["cluster_sizes"] == [48] * 32
+    assert conv["mean_intra_cosine"] > conv["mean_intra_cosine_random"]
+
+    assert (standin_converted / "tokenizer.json").is_file() and (standin_converted / "tokenizer_config.json").is_file()
+    card = (standin_converted / "README.md").read_text()
+    assert "SmolLM2-135M-Instruct" in card and "N = 32" in card and "k = 16" in card
+    text = "Routed FFNs keep 16 of 32 clusters."
+    ours = AutoTokenizer.from_pretrained(standin_converted, trust_remote_code=True)
+    stock = AutoTokenizer.from_pretrained(standin_gguf.parent, gguf_file=standin_gguf.name)
+    assert ours(text)["input_ids"] == stock(text)["input_ids"]
+    assert ours.eos_token == stock.eos_token
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input: one line on stderr, no traceback, a non-zero exit, and nothing written
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bad_sources(tmp_path_factory, tiny_dense_dir):
+    """Inputs the converter must refuse: tiny GPT-2 and BERT checkpoints, a corrupt GGUF, a missing path."""
+    from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
+
+    root = tmp_path_factory.mktemp("bad-sources")
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=64)).save_pretrained(
+        root / "gpt2"
+    )
+    BertModel(BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+                         vocab_size=64)).save_pretrained(root / "bert")  # fmt: skip
+    (root / "x.gguf").write_bytes(os.urandom(4096))
+    return {"gpt2": root / "gpt2", "bert": root / "bert", "gguf": root / "x.gguf", "missing": root / "no-such-model",
+            "llama": tiny_dense_dir}  # fmt: skip
+
+
+BAD_CASES = {  # source, extra arguments, a piece of the expected message
+    "gpt2-model": ("gpt2", [], "is a 'gpt2' model; only Llama"),
+    "bert-model": ("bert", [], "is a 'bert' model; only Llama"),
+    "k-above-n": ("llama", ["--num-experts", "4", "--top-k", "5"], "--top-k must be in [1, --num-experts=4], got 5"),
+    "k-below-1": ("llama", ["--num-experts", "4", "--top-k", "0"], "--top-k must be in [1, --num-experts=4], got 0"),
+    "n-above-intermediate": (
+        "llama",
+        ["--num-experts", "151", "--top-k", "2"],
+        "exceeds the FFN's intermediate_size 150",
+    ),
+    "n-below-1": ("llama", ["--num-experts", "0", "--top-k", "1"], "--num-experts must be >= 1"),
+    "layer-out-of-range": ("llama", ["--layers", "1,3"], "layer indices [3] out of range: the model has 3 layers"),
+    "layer-range-out-of-range": ("llama", ["--layers", "0-5"], "layer indices [3, 4, 5] out of range"),
+    "missing-path": ("missing", [], "no such file or folder"),
+    "corrupt-gguf": ("gguf", [], "cannot read the model config of"),
+}
+
+
+def assert_refused(rc, err_lines, parent, before):
+    assert rc != 0
+    assert len(err_lines) == 1, err_lines
+    assert err_lines[0].startswith("convert.py: error: ") and "Traceback" not in err_lines[0]
+    assert sorted(p.name for p in parent.iterdir()) == before  # nothing written, no temporary folder left
+
+
+@pytest.mark.parametrize("case", list(BAD_CASES))
+def test_bad_input_is_refused_cleanly(case, bad_sources, tmp_path, capsys):
+    """Each bad input: non-zero exit, exactly one line on stderr naming the problem, no traceback, OUT_DIR absent."""
+    source, extra, message = BAD_CASES[case]
+    parent = tmp_path / "outputs"
+    parent.mkdir()
+    rc, _, err = convert_tiny(bad_sources[source], parent / "routed", "--num-experts", "4", "--top-k", "2", *extra,
+                              capsys=capsys)  # fmt: skip
+    assert_refused(rc, err, parent, [])
+    assert message in err[0]
+
+
+def test_existing_out_dir_needs_overwrite(tiny_dense_dir, tmp_path, capsys):
+    """A non-empty OUT_DIR is refused (and left unchanged) without --overwrite, and replaced with it."""
+    out = tmp_path / "routed"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    rc, _, err = convert_tiny(tiny_dense_dir, out, "--num-experts", "5", "--top-k", "2", capsys=capsys)
+    assert_refused(rc, err, tmp_path, before)
+    assert "exists and is not empty; pass --overwrite" in err[0]
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "precious"
+
+    rc, _, _ = convert_tiny(tiny_dense_dir, out, "--num-experts", "5", "--top-k", "2", "--overwrite", capsys=capsys)
+    assert rc == 0
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["routed"]  # no temporary or old folder left beside it
+
+
+def test_cli_subprocess_prints_one_line_and_no_traceback(bad_sources, tmp_path, clean_env):
+    """The real command line (`python convert.py ...`) on a corrupt GGUF: exit 2, one stderr line, no traceback."""
+    parent = tmp_path / "outputs"
+    parent.mkdir()
+    proc = subprocess.run([sys.executable, str(ROOT / "convert.py"), str(bad_sources["gguf"]), str(parent / "routed")],
+                          cwd=tmp_path, env=clean_env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert_refused(proc.returncode, err, parent, [])
+    assert "cannot read the model config of" in err[0] and proc.stdout == ""
