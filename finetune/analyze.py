@@ -4,13 +4,16 @@
         --data-dir /work/shared/data/glue --max-examples 200 --out results/NAME
 
 writes `NAME/routing.json` (every number, versioned by `format_version`), PNG figures and `NAME/summary.md`.
+`add_arguments(parser)` and `run(args)` let another command line (`python -m finetune analyze`) offer the same
+options. The model runs on the CPU unless `--device` says otherwise.
 
 Three layers, kept apart so that each can be tested on its own:
 
-* **Statistics** (pure numpy, no model): `cluster_load`, `normalised_entropy`, `busiest_share`,
-  `coselection_counts`, `example_counts`, `group_counts`, `usage_distance`, `permutation_test`,
-  `paired_change_test`. They take plain arrays: the kept cluster ids of one layer, an int array (tokens, k), and
-  per-token example ids; per-example group codes (task, label) for the tests.
+* **Statistics** (pure numpy, no model): `cluster_load`, `normalised_entropy`, `busiest_share`, `layer_summary`,
+  `coselection_counts`, `coselection_lift`, `coselection_correlation`, `example_counts`, `group_counts`,
+  `usage_distance`, `permutation_test`, `paired_change_test`, `kept_overlap`. They take plain arrays: the kept
+  cluster ids of one layer, an int array (tokens, k), and per-token example ids; per-example group codes (task,
+  label) for the tests.
 * **Recording** (`RoutingRecorder`, `record_routing`): a forward hook on every module whose class name is
   `RoutedLlamaRouter` (the router returns the kept ids (B*T, k) of one layer), registered on the loaded model and
   removed afterwards. Padding tokens are dropped with the attention mask. The hooks return nothing, so the model's
@@ -38,8 +41,9 @@ Definitions (per routed layer; N clusters, k kept per token, M non-padding token
   table of selections, `--statistic chi2`), summed over layers. Its p-value is a permutation test that shuffles the
   group of whole examples (tokens of one example are not independent), (1 + #{null >= observed}) / (1 + n).
   The label test shuffles labels only among examples of the same task (strata), so that differences between tasks
-  cannot pass for differences between labels. Per cluster the effect is the range of its token share across groups
-  (percentage points), with a permutation p-value and one corrected for all clusters of all layers (max-T).
+  cannot pass for differences between labels; it is also run one task at a time. Per cluster the effect is the
+  range of its token share across groups (percentage points), with a permutation p-value and one corrected for all
+  clusters of all layers (max-T).
 * change (with `--adapter`): the fine-tuned load minus the converted load on the same tokens, the fraction of a
   token's kept clusters that stay the same, and a paired sign-flip permutation test (per example, swap the two
   models) of the total-variation distance between the two loads, summed over layers.
@@ -368,6 +372,8 @@ def layer_summary(sel, num_experts: int) -> dict:
         "least_used_cluster": int(load.argmin()),
         "least_used_share": float(load.min() * k),
         "unused_clusters": int((load == 0).sum()),
+        "clusters_kept_by_over_90pct": int((load * k > 0.9).sum()),
+        "clusters_kept_by_under_10pct": int((load * k < 0.1).sum()),
         "max_load_over_uniform": float(load.max() * num_experts),
     }
 
@@ -943,11 +949,12 @@ def plot_coselection(cos: dict, layer: int, n: int, path: Path):
     fig.colorbar(im, ax=axes[0], label="% of tokens that keep both (diagonal: keep i)", fraction=0.046, pad=0.02)
     axes[0].set_title(f"Layer {layer}: co-selection, % of {cos['tokens']} tokens", fontsize=10)
     span = np.nanmax(np.abs(corr)) if np.isfinite(corr).any() else 1.0
-    im = axes[1].imshow(corr, cmap="RdBu_r", vmin=-span, vmax=span, interpolation="nearest")
+    cmap = plt.get_cmap("RdBu_r").with_extremes(bad="lightgrey")  # undefined: a cluster kept by every token
+    im = axes[1].imshow(corr, cmap=cmap, vmin=-span, vmax=span, interpolation="nearest")
     fig.colorbar(im, ax=axes[1], label="correlation (phi) of the keep-indicators", fraction=0.046, pad=0.02)
     axes[1].set_title(
         f"Layer {layer}: kept together (red) / apart (blue); mean off-diagonal "
-        f"{cos['mean_correlation_off_diagonal']:+.3f}",
+        f"{cos['mean_correlation_off_diagonal']:+.3f}\n(grey: the diagonal, or a cluster kept by every token)",
         fontsize=10,
     )
     step = 1 if n <= 32 else max(1, n // 16)
@@ -1140,13 +1147,14 @@ def summary_markdown(report: dict, figures: dict[str, str]) -> str:
         f"N = {n} it cannot go below log k/log N = {math.log(k) / math.log(n):.3f}.",
         "",
         "| layer | normalised entropy | busiest cluster | its token share | least-used cluster | its token share "
-        "| unused |",
-        "|---|---|---|---|---|---|---|",
+        "| unused | clusters kept by > 90% / < 10% of tokens |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for i, s in r["layers"].items():
         lines.append(
             f"| {i} | {s['normalised_entropy']:.4f} | {s['busiest_cluster']} | {s['busiest_share']:.3f} | "
-            f"{s['least_used_cluster']} | {s['least_used_share']:.3g} | {s['unused_clusters']} |"
+            f"{s['least_used_cluster']} | {s['least_used_share']:.3g} | {s['unused_clusters']} | "
+            f"{s['clusters_kept_by_over_90pct']} / {s['clusters_kept_by_under_10pct']} |"
         )
     lines += [
         "",
@@ -1396,13 +1404,25 @@ def validate(args) -> tuple[dict, dict | None, list[Item]]:
 
 def command_line(args) -> str:
     argv = getattr(args, "argv", None)
-    if argv is None:
-        return shlex.join([Path(sys.executable).name, *sys.argv])
-    return shlex.join(["python", "-m", "finetune.analyze", *argv])
+    if argv is not None:  # from main()
+        return shlex.join(["python", "-m", "finetune.analyze", *argv])
+    argv0 = Path(sys.argv[0])  # from another command line, e.g. `python -m finetune analyze ...`
+    if argv0.name == "__main__.py":
+        prog = ["python", "-m", argv0.parent.name]
+    elif argv0.name == "analyze.py":
+        prog = ["python", "-m", "finetune.analyze"]
+    else:
+        prog = [argv0.name]
+    return shlex.join([*prog, *sys.argv[1:]])
 
 
 def run(args) -> int:
-    """Run the analysis for parsed `args` (from `add_arguments`); returns the exit status. Raises AnalysisError."""
+    """Record which clusters every token keeps in every routed layer (GLUE inputs) and write routing.json, PNGs and
+    summary.md: load, entropy, co-selection, specialisation by task and label, change after fine-tuning.
+
+    `args` come from a parser built with `add_arguments`; returns 0. Bad input raises `AnalysisError` (a ValueError)
+    before any model is loaded.
+    """
     t_start = time.perf_counter()
     date = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
     cfg, info, items = validate(args)

@@ -40,6 +40,7 @@ def test_load_entropy_busiest_by_hand():
     assert s["entropy_floor"] == pytest.approx(0.5)  # log 2 / log 4
     assert (s["busiest_cluster"], s["least_used_cluster"], s["unused_clusters"]) == (0, 2, 0)
     assert s["max_load_over_uniform"] == pytest.approx(2.0)
+    assert (s["clusters_kept_by_over_90pct"], s["clusters_kept_by_under_10pct"]) == (1, 0)
 
 
 def test_entropy_extremes():
@@ -647,3 +648,13 @@ def test_unavailable_device_is_refused_before_loading(tiny, glue, tmp_path, caps
     assert rc == 2 and err.count("\n") == 1 and "no CUDA device" in err
     rc, _, err = _run([*argv, "--device", "gpu0"], capsys)
     assert rc == 2 and err.count("\n") == 1 and "not a torch device" in err
+
+
+def test_the_finetune_command_line_offers_analyze(tiny, tmp_path, capsys):
+    cli = pytest.importorskip("finetune.cli")
+    parser = cli.build_parser()
+    args = parser.parse_args(["analyze", "--checkpoint", str(tiny["dense"]), "--out", str(tmp_path / "o")])
+    assert args.func is A.run
+    rc = cli.main(["analyze", "--checkpoint", str(tiny["dense"]), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "not a routed one" in err
