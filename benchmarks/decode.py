@@ -121,16 +121,22 @@ def decode_tok_s(model, batch: int, prompt: int, steps: int, graph: bool) -> flo
 
 
 @torch.no_grad()
-def prefill_tok_s(model, tokens: int, repeats: int) -> float:
+def prefill_tok_s(model, tokens: int, repeats: int, trials: int = 5) -> float:
+    """Prefill tokens per second: the median of `trials` timings of `repeats` forwards, after three warm-ups (a
+    single warm-up left the first arm timed visibly cold in the first recorded run)."""
     device = model.device
     ids = torch.randint(0, model.config.vocab_size, (1, tokens), device=device)
-    model(input_ids=ids, use_cache=False)
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(repeats):
+    for _ in range(3):
         model(input_ids=ids, use_cache=False)
-    _sync(device)
-    return tokens * repeats / (time.perf_counter() - t0)
+    times = []
+    for _ in range(trials):
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            model(input_ids=ids, use_cache=False)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return tokens * repeats / sorted(times)[len(times) // 2]
 
 
 @torch.no_grad()
@@ -297,9 +303,10 @@ def model_rows(shape, args, device, dtype, graph):
                 t_ideal = prefill_tok_s(ideal, args.prefill, args.prefill_repeats)
                 t_routed = prefill_tok_s(routed, args.prefill, args.prefill_repeats)
             t_dense = results[(phase, b)]
-            impl = routed.model.layers[0].mlp.pick_impl(
-                torch.zeros(b if phase == "decode" else args.prefill, dense.config.hidden_size, device=device,
-                            dtype=dtype))  # fmt: skip
+            with torch.no_grad():  # the timed calls run without grad; outside it the Triton path is refused
+                x = torch.zeros(b if phase == "decode" else args.prefill, dense.config.hidden_size, device=device,
+                                dtype=dtype)  # fmt: skip
+                impl = "dense (k = N)" if k == args.num_experts else routed.model.layers[0].mlp.pick_impl(x)
             row = {"model": name, "batch": b, "k_over_n": kn, "phase": phase, "tokens": args.prefill if phase == "prefill" else 1,
                    "dense_tok_s": round(t_dense, 1), "ideal_tok_s": round(t_ideal, 1), "routed_tok_s": round(t_routed, 1),
                    "speedup": round(t_routed / t_dense, 3), "ideal_speedup": round(t_ideal / t_dense, 3),

@@ -82,6 +82,19 @@ def cmd_merge(args):
     print(f"wrote {out}")
 
 
+def cmd_collect(args):
+    """Assemble the comparison report (results.json, report.md, curves.png) from finished runs' result.json
+    files, e.g. those of runs made one by one on several machines."""
+    from pathlib import Path
+
+    from .compare import collect, report
+
+    files = sorted(p for f in args.results for p in ([Path(f)] if Path(f).is_file() else Path(f).rglob("*.json")))
+    summary = collect(files, Path(args.output), args.name, args.command or "", args.jobs, args.notes, args.overwrite,
+                      args.date)
+    print(report(summary))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m finetune", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -111,6 +124,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true")
     c.add_argument("--command", default=None, help=argparse.SUPPRESS)
     c.set_defaults(func=cmd_compare)
+
+    k = sub.add_parser("collect", help=inspect.getdoc(cmd_collect), description=inspect.getdoc(cmd_collect))
+    k.add_argument("results", nargs="+", help="result.json files or folders searched for *.json")
+    k.add_argument("--output", required=True)
+    k.add_argument("--name", default=None)
+    k.add_argument("--command", default=None, help="the command that produced the runs, recorded as is")
+    k.add_argument("--jobs", type=int, default=1, help="how many runs shared the device at a time")
+    k.add_argument("--notes", default=None, help="free text recorded in results.json and the report")
+    k.add_argument("--date", default=None, help="when the runs were made (default: from the runs, else now)")
+    k.add_argument("--overwrite", action="store_true")
+    k.set_defaults(func=cmd_collect)
 
     e = sub.add_parser("evaluate", help=inspect.getdoc(cmd_evaluate), description=inspect.getdoc(cmd_evaluate))
     e.add_argument("adapter")

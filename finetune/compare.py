@@ -256,8 +256,8 @@ def summarise(exp: Experiment, results: list[dict], chosen: dict, selection, sec
         "task": task.name,
         "metric": m,
         "model": exp.base.model,
-        "hardware": hardware(),
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "hardware": results[0].get("hardware") or hardware(),  # where the runs ran, not where they were collected
+        "date": results[0].get("date") or datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": exp.command,
         "wall_seconds": round(seconds, 1),
         "jobs": exp.jobs,
@@ -268,6 +268,51 @@ def summarise(exp: Experiment, results: list[dict], chosen: dict, selection, sec
         "arms": arms,
         "comparisons": comparisons,
     }
+
+
+def collect(run_files: list[Path], output: Path, name: str | None = None, command: str = "", jobs: int = 1,
+            notes: str | None = None, overwrite: bool = False, date: str | None = None) -> dict:
+    """Assemble results.json, report.md and curves.png from the `result.json` of finished runs (from `run`, or
+    from the `runs/` folders of interrupted `compare`s): the same summary `compare` writes."""
+    results = [json.loads(Path(f).read_text()) for f in run_files]
+    if not results:
+        raise ValueError("no run results given")
+    if output.exists() and any(output.iterdir()) and not overwrite:
+        raise ValueError(f"{output} exists and is not empty; pass --overwrite to replace it")
+    if len({r["task"] for r in results}) != 1:
+        raise ValueError(f"runs of several tasks: {sorted({r['task'] for r in results})}")
+    by_arm = {}
+    for r in results:
+        by_arm.setdefault(r["arm"], []).append(r)
+    lrs = {a: sorted({r["lr"] for r in rs}) for a, rs in by_arm.items()}
+    if any(len(v) != 1 for v in lrs.values()):
+        raise ValueError(f"each arm needs one lr: {lrs}")
+    if "baseline" not in by_arm:
+        raise ValueError("no run of the arm 'baseline'")
+    seeds = {a: sorted(r["seed"] for r in rs) for a, rs in by_arm.items()}
+    if len({tuple(v) for v in seeds.values()}) != 1 or any(len(set(v)) != len(v) for v in seeds.values()):
+        raise ValueError(f"every arm needs the same seeds, once each: {seeds}")
+    first = by_arm["baseline"][0]
+    base = RunConfig(**first["config"])
+    exp = Experiment(
+        name=name or output.name,
+        base=base,
+        arms=[Arm(name=a, checkpoint=rs[0]["model"]) for a, rs in by_arm.items() if a != "baseline"],
+        seeds=seeds["baseline"],
+        lrs=sorted({r["lr"] for r in results}),
+        jobs=jobs,
+        output=output,
+        command=command,
+        arm_checkpoints={a: rs[0]["model"] for a, rs in by_arm.items()},
+    )
+    chosen = {a: rs[0]["lr"] for a, rs in by_arm.items()}
+    summary = summarise(exp, results, chosen, None, seconds=0.0)
+    summary["wall_seconds"] = None
+    summary["notes"] = notes
+    if date:
+        summary["date"] = date
+    write_outputs(exp, summary)
+    return summary
 
 
 def write_outputs(exp: Experiment, summary: dict):
@@ -294,13 +339,15 @@ def report(s: dict) -> str:
         f"# {s['experiment']}: LoRA on {s['model']} vs routed, {s['task'].upper()} dev",
         "",
         f"- hardware: {s['hardware']}; date: {s['date']}; {len(next(iter(s['arms'].values()))['seeds'])} seeds per arm; "
-        f"{s['jobs']} run(s) at a time on the device; wall {s['wall_seconds']:.0f} s",
+        f"{s['jobs']} run(s) at a time on the device"
+        + (f"; wall {s['wall_seconds']:.0f} s" if s.get("wall_seconds") else ""),
         f"- command: `{s['command']}`",
         f"- recipe: LoRA r={s['settings']['lora_r']} alpha={s['settings']['lora_alpha']} on "
         f"{','.join(s['settings']['lora_targets'])}, {s['settings']['epochs']:g} epochs, batch {s['settings']['batch_size']}, "
         f"warmup {s['settings']['warmup_ratio']:g}, linear decay, max length {s['settings']['max_length']}, "
         f"precision {s['precision']}",
         f"- headline: **{m} after the final epoch** (no epoch picked on dev), mean ± sample std over seeds",
+        *([f"- notes: {s['notes']}"] if s.get("notes") else []),
         "",
         f"| arm | lr | {m} final | before fine-tuning | routing off (k=N) | per-epoch mean | train s | train tok/s | peak GPU MiB |",
         "|---|---|---|---|---|---|---|---|---|",

@@ -18,6 +18,7 @@ import platform
 import tempfile
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -291,6 +292,7 @@ def run_one(cfg: RunConfig | dict) -> dict:
         "peak_gpu_mem_bytes": peak,
         "precision": precision,
         "hardware": hardware(),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "base_fingerprint": fingerprint,
         "config": dataclasses.asdict(cfg),
     }
