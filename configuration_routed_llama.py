@@ -44,7 +44,8 @@ class RoutedLlamaConfig(LlamaConfig):
         routing_impl (`str`, defaults to `"auto"`):
             How a routed FFN is computed. `"mask"`: the reference; compute the whole FFN, zero the unselected
             clusters. `"sparse"`: compute only the selected clusters (grouped by cluster; a Triton kernel on CUDA
-            for small token counts). `"auto"`: the fastest measured for the device and the number of tokens.
+            for small token counts). `"auto"`: the fastest measured for the device and the number of tokens; on the
+            H200 that is still "mask" (results/decode/ in the routed-llama repository).
         base_model_name_or_path (`str`, *optional*):
             Provenance: the dense checkpoint this one was converted from.
         partition_method (`str`, *optional*):

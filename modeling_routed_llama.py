@@ -16,7 +16,7 @@ Routing in one routed layer, for a token x (hidden size H, intermediate size I, 
 With k = N the layer computes exactly the dense FFN. Three implementations compute the same function
 (`config.routing_impl`): "mask" (the reference: compute the whole FFN, zero the dropped clusters), "sparse" (compute
 only the kept clusters: tokens grouped by cluster in plain PyTorch, or fused Triton kernels on CUDA for a few tokens,
-as in decoding) and "auto" (the fastest measured for the device and the number of tokens).
+as in decoding) and "auto" (the fastest measured: today "mask", see `RoutedLlamaMLP.pick_impl`).
 
 This file ships inside every converted checkpoint as remote code: it imports only the standard library, torch,
 transformers and its configuration file (Triton, which ships with CUDA builds of torch, is optional).
@@ -50,8 +50,7 @@ except ImportError:  # CPU-only installs: the PyTorch paths below need no Triton
     triton = None
 
 
-# Above this many tokens a routed FFN is a batch of skinny matmuls that cuBLAS runs dense faster than any gather:
-# on the H200 the fused kernels win only for decoding (see benchmarks/decode.py and results/decode/).
+# The fused kernels are written for decoding (a few tokens; tiles of 16 token rows); above this the grouped path runs.
 TRITON_MAX_TOKENS = 16
 
 
@@ -134,15 +133,16 @@ class RoutedLlamaMLP(nn.Module):
         return out.view(shape)
 
     def pick_impl(self, x: torch.Tensor) -> str:
-        """Which implementation runs for these tokens: "mask", "sparse" (grouped PyTorch) or "triton"."""
+        """Which implementation runs for these tokens: "mask", "sparse" (grouped PyTorch) or "triton".
+
+        "auto" is "mask" everywhere: on the H200 (results/decode/) the fused kernels reach about a third of the
+        bandwidth cuBLAS reaches on the dense FFN, so skipping half the weights still loses; the grouped path syncs
+        with the host and loses at every size. "sparse" runs the kernels on CUDA for up to TRITON_MAX_TOKENS tokens.
+        """
         impl = self.config.routing_impl
-        if impl == "mask":
+        if impl in ("mask", "auto"):
             return "mask"
-        if self._triton_ok(x):
-            return "triton"
-        # On the CPU and for prefill the grouped PyTorch path loses to dense + mask (results/decode/), so "auto"
-        # uses it only where it was asked for.
-        return "sparse" if impl == "sparse" else "mask"
+        return "triton" if self._triton_ok(x) else "sparse"
 
     def _triton_ok(self, x: torch.Tensor) -> bool:
         plain = all(type(p) is nn.Linear for p in (self.gate_proj, self.up_proj, self.down_proj))  # no adapters
@@ -338,8 +338,8 @@ if triton is not None:
         tl.store(out_ptr + i, acc.to(out_ptr.dtype.element_ty), mask=i < MH)
 
 
-# Tile sizes per kernel, chosen on the H200 by benchmarks/decode.py --tune (bf16; the kernels are memory-bound).
-TRITON_TILES = {"BLOCK_R": 32, "BLOCK_K": 128, "BLOCK_H": 64, "BLOCK_C": 64, "SPLIT": 4, "warps_gu": 4, "warps_d": 4}
+# Tile sizes: the fastest of the 12 that `benchmarks/decode.py --tune` tried on the H200 at the Llama-7B shape (bf16).
+TRITON_TILES = {"BLOCK_R": 32, "BLOCK_K": 256, "BLOCK_H": 64, "BLOCK_C": 64, "SPLIT": 8, "warps_gu": 4, "warps_d": 4}
 
 
 def triton_routed_ffn(x, centroids, offsets, w_gate, w_up, w_down, top_k, max_cluster_size, tiles=None):

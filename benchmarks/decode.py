@@ -296,9 +296,14 @@ def model_rows(shape, args, device, dtype, graph):
         ideal = dense if k == args.num_experts else build_dense(name, device, dtype, intermediate=int(inter * kn))
         routed = build_routed(dense, args.num_experts, k, "auto")
         for phase, b in [("decode", b) for b in args.batches] + [("prefill", 1)]:
+            t_sparse = None
             if phase == "decode":
                 t_ideal = decode_tok_s(ideal, b, args.prompt, args.steps, graph)
                 t_routed = decode_tok_s(routed, b, args.prompt, args.steps, graph)
+                if k < args.num_experts:  # the fused kernels, which "auto" does not pick (they lose on the H200)
+                    routed.config.routing_impl = "sparse"
+                    t_sparse = decode_tok_s(routed, b, args.prompt, args.steps, graph)
+                    routed.config.routing_impl = "auto"
             else:
                 t_ideal = prefill_tok_s(ideal, args.prefill, args.prefill_repeats)
                 t_routed = prefill_tok_s(routed, args.prefill, args.prefill_repeats)
@@ -310,7 +315,8 @@ def model_rows(shape, args, device, dtype, graph):
             row = {"model": name, "batch": b, "k_over_n": kn, "phase": phase, "tokens": args.prefill if phase == "prefill" else 1,
                    "dense_tok_s": round(t_dense, 1), "ideal_tok_s": round(t_ideal, 1), "routed_tok_s": round(t_routed, 1),
                    "speedup": round(t_routed / t_dense, 3), "ideal_speedup": round(t_ideal / t_dense, 3),
-                   "routed_impl": impl}  # fmt: skip
+                   "routed_impl": impl, "routed_sparse_tok_s": None if t_sparse is None else round(t_sparse, 1),
+                   "sparse_speedup": None if t_sparse is None else round(t_sparse / t_dense, 3)}  # fmt: skip
             rows.append(row)
             print(f"{name:13s} {phase:7s} b={b} k/N={kn:.3g}: dense {t_dense:9.1f} ideal {t_ideal:9.1f} routed "
                   f"{t_routed:9.1f} tok/s  speedup {t_routed / t_dense:.3f} (ideal {t_ideal / t_dense:.3f}) [{impl}]",
