@@ -524,7 +524,7 @@ Per-layer clustering figures are in `conversion.json`.
 from transformers import {auto_cls}, AutoTokenizer
 
 model = {auto_cls}.from_pretrained("PATH_OR_REPO", trust_remote_code=True)
-tokenizer = AutoTokenizer.from_pretrained("PATH_OR_REPO")
+tokenizer = AutoTokenizer.from_pretrained("PATH_OR_REPO", trust_remote_code=True)
 # change k at load time; k = N computes exactly what the dense base model computes
 dense = {auto_cls}.from_pretrained("PATH_OR_REPO", trust_remote_code=True, num_experts_per_tok={cfg.num_experts})
 ```
@@ -576,7 +576,8 @@ def convert(
     routed, records = route_dense_model(dense, p, progress)
     convert_seconds = time.perf_counter() - t0
     save_dtype = _save_dtype(p.dtype, p.base_config)
-    write_checkpoint(routed, tokenizer, records, p, save_dtype, load_seconds, convert_seconds)
+    with contextlib.nullcontext() if progress else _quiet():
+        write_checkpoint(routed, tokenizer, records, p, save_dtype, load_seconds, convert_seconds)
     if push_to_hub:
         upload(p.out_dir, push_to_hub)
     return p.out_dir
@@ -635,10 +636,22 @@ def write_checkpoint(routed, tokenizer, records, plan_: Plan, save_dtype, load_s
         for name in ("configuration_routed_llama.py", "modeling_routed_llama.py"):  # save_pretrained copies them;
             if not (tmp / name).exists():  # make sure even if a transformers version does not
                 shutil.copy2(HERE / name, tmp / name)
+        _publish_permissions(tmp)
         _move_into_place(tmp, out, plan_.overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _publish_permissions(folder: Path):
+    """mkdtemp makes the folder private (0700) and safetensors writes 0600; give the checkpoint the permissions
+    any other file the user creates would get."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for f in folder.iterdir():
+        if f.is_file():
+            f.chmod(0o666 & ~umask)
 
 
 def _move_into_place(tmp: Path, out: Path, overwrite: bool):

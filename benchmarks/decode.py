@@ -76,6 +76,30 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def capture(fn):
+    """One CUDA graph of `fn` (warmed up on a side stream first, as graph capture requires); returns its replay."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()  # allocations, cuBLAS handles, Triton compilation happen here, outside the graph
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
+
+
+def seconds_per_call(run, reps: int, device) -> float:
+    """Wall seconds per call of `run`, after one untimed call, synchronising the device around the loop."""
+    run()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        run()
+    _sync(device)
+    return (time.perf_counter() - t0) / reps
+
+
 @torch.no_grad()
 def decode_tok_s(model, batch: int, prompt: int, steps: int, graph: bool) -> float:
     """Tokens per second of greedy-free decoding (fixed input tokens): prefill `prompt`, then `steps` steps."""
@@ -91,33 +115,18 @@ def decode_tok_s(model, batch: int, prompt: int, steps: int, graph: bool) -> flo
         return model(input_ids=step_ids, past_key_values=cache, use_cache=True).logits
 
     if graph and device.type == "cuda":
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            step()  # warm-up on a side stream (allocations, Triton compilation)
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(g):
-                step()
+            run = capture(step)
         except RuntimeError as exc:  # something in the step syncs with the host: time it eagerly and say so
             print(f"  CUDA graph capture failed ({str(exc)[:100]}); timing eagerly", flush=True)
             torch.cuda.synchronize()
             return decode_tok_s(model, batch, prompt, steps, graph=False)
-        run = g.replay
-        # capture and warm-up wrote two steps into the cache; the timed steps follow
-        n_time = steps - 4
+        n_time = steps - 4  # warm-up and capture wrote two steps into the cache; the timed steps follow
     else:
         run = step
         n_time = steps - 2
         step()
-    run()
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(n_time):
-        run()
-    _sync(device)
-    return batch * n_time / (time.perf_counter() - t0)
+    return batch / seconds_per_call(run, n_time, device)
 
 
 @torch.no_grad()
@@ -149,26 +158,8 @@ def ffn_us(mlps: list, x: torch.Tensor, reps: int, graph: bool) -> float:
             y = m(x)
         return y
 
-    device = x.device
-    if graph and device.type == "cuda":
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            body()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            body()
-        run = g.replay
-    else:
-        run = body
-    run()
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        run()
-    _sync(device)
-    return (time.perf_counter() - t0) / (reps * len(mlps)) * 1e6
+    run = capture(body) if graph and x.device.type == "cuda" else body
+    return seconds_per_call(run, reps, x.device) / len(mlps) * 1e6
 
 
 def ffn_rows(shape, device, dtype, ratios, num_experts, graph, reps, tile_grid):
