@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import shlex
 import sys
 
 from . import tasks
@@ -89,7 +90,8 @@ def cmd_collect(args):
 
     from .compare import collect, report
 
-    files = sorted(p for f in args.results for p in ([Path(f)] if Path(f).is_file() else Path(f).rglob("*.json")))
+    # a folder (e.g. a compare's runs/) is searched for result.json: its adapter folders hold other .json files
+    files = sorted(p for f in args.results for p in ([Path(f)] if Path(f).is_file() else Path(f).rglob("result.json")))
     summary = collect(files, Path(args.output), args.name, args.command or "", args.jobs, args.notes, args.overwrite,
                       args.date)
     print(report(summary))
@@ -126,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_compare)
 
     k = sub.add_parser("collect", help=inspect.getdoc(cmd_collect), description=inspect.getdoc(cmd_collect))
-    k.add_argument("results", nargs="+", help="result.json files or folders searched for *.json")
+    k.add_argument("results", nargs="+", help="result.json files or folders searched for result.json")
     k.add_argument("--output", required=True)
     k.add_argument("--name", default=None)
     k.add_argument("--command", default=None, help="the command that produced the runs, recorded as is")
@@ -161,7 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = build_parser().parse_args(argv)
+    if args.subcommand == "compare" and args.command is None:  # record these arguments, not the caller's sys.argv
+        args.command = " ".join(["python -m finetune", shlex.join(argv)])
     try:
         out = args.func(args)
     except (ValueError, FileNotFoundError) as exc:  # TaskError, ModelError, AdapterError, ConversionError

@@ -204,7 +204,10 @@ def summarise(exp: Experiment, results: list[dict], chosen: dict, selection, sec
     arms = {}
     for name in ["baseline", *(a.name for a in exp.arms)]:
         rs = sorted((r for r in results if r["arm"] == name), key=lambda r: r["seed"])
-        arm_spec = next((asdict(a) for a in exp.arms if a.name == name), {"name": "baseline"})
+        spec = next((a for a in exp.arms if a.name == name), None)
+        if spec is not None and spec.checkpoint is not None:  # record the checkpoint's layout, not the Arm defaults
+            spec = _checkpoint_arm(spec.name, spec.checkpoint)
+        arm_spec = asdict(spec) if spec is not None else {"name": "baseline"}
         final = [r["final"][m] for r in rs]
         mean, std = stats.mean_std(final)
         off = [r["final_routing_off"][m] for r in rs if r["final_routing_off"]]
@@ -274,7 +277,7 @@ def collect(run_files: list[Path], output: Path, name: str | None = None, comman
             notes: str | None = None, overwrite: bool = False, date: str | None = None) -> dict:
     """Assemble results.json, report.md and curves.png from the `result.json` of finished runs (from `run`, or
     from the `runs/` folders of interrupted `compare`s): the same summary `compare` writes."""
-    results = [json.loads(Path(f).read_text()) for f in run_files]
+    results = [_read_run(Path(f)) for f in run_files]
     if not results:
         raise ValueError("no run results given")
     if output.exists() and any(output.iterdir()) and not overwrite:
@@ -313,6 +316,35 @@ def collect(run_files: list[Path], output: Path, name: str | None = None, comman
         summary["date"] = date
     write_outputs(exp, summary)
     return summary
+
+
+_RUN_KEYS = ("arm", "seed", "lr", "task", "model", "config", "final", "per_epoch", "before", "predictions")
+
+
+def _read_run(path: Path) -> dict:
+    """One run's result.json, checked to be one (a stray .json file would otherwise fail with a KeyError)."""
+    try:
+        r = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read the run result {path}: {exc}") from None
+    missing = [k for k in _RUN_KEYS if not isinstance(r, dict) or k not in r]
+    if missing:
+        raise ValueError(f"{path} is not a run's result.json (no {', '.join(missing)})")
+    return r
+
+
+def _checkpoint_arm(name: str, checkpoint: str) -> Arm:
+    """An arm given as a checkpoint: its conversion settings from the checkpoint's conversion.json, or None where
+    that file is not there (not the Arm defaults, which would misreport the layout)."""
+    conv = Path(checkpoint) / "conversion.json"
+    if not conv.is_file():
+        return Arm(name=name, checkpoint=checkpoint, layers=None, num_experts=None, top_k=None, method=None,
+                   router=None, partition_seed=None)  # fmt: skip
+    c = json.loads(conv.read_text())
+    layers = c["routed_layers"]
+    spec = "all" if layers == list(range(c["num_hidden_layers"])) else ",".join(str(i) for i in layers)
+    return Arm(name=name, checkpoint=checkpoint, layers=spec, num_experts=c["num_experts"], top_k=c["num_experts_per_tok"],
+               method=c["method"], router=c["router"], partition_seed=c["seed"])  # fmt: skip
 
 
 def write_outputs(exp: Experiment, summary: dict):

@@ -51,6 +51,20 @@ def load_tokenizer(ref: str):
     return tok
 
 
+def saved_num_labels(ref: str | Path) -> int | None:
+    """The number of labels of the classification head a local checkpoint folder holds; None if it holds none."""
+    path = Path(ref) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    if not any(str(a).endswith("ForSequenceClassification") for a in cfg.get("architectures") or []):
+        return None
+    return len(cfg["id2label"]) if cfg.get("id2label") else int(cfg.get("num_labels", 2))
+
+
 def load_classifier(ref: str, num_labels: int, tokenizer=None, top_k: int | None = None, routing_impl: str | None = None):
     """A `*ForSequenceClassification` in fp32 on the CPU, with `config.pad_token_id` set.
 
@@ -59,6 +73,9 @@ def load_classifier(ref: str, num_labels: int, tokenizer=None, top_k: int | None
     """
     from transformers import AutoModelForSequenceClassification
 
+    saved = saved_num_labels(ref)
+    if saved is not None and saved != num_labels:  # transformers would fail on the score weight's shape
+        raise ModelError(f"{ref} has a classification head with {saved} labels; the task needs num_labels={num_labels}")
     kwargs = {"num_labels": num_labels, "dtype": torch.float32}
     if num_labels == 1:
         kwargs["problem_type"] = "regression"

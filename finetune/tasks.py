@@ -99,6 +99,8 @@ def read_tsv(path: Path) -> tuple[list[str] | None, list[list[str]]]:
     csv.field_size_limit(sys.maxsize)
     with open(path, encoding="utf-8", newline="") as f:
         rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    if not rows:  # an empty file: no header either
+        return None, []
     return rows[0], rows[1:]
 
 
@@ -111,6 +113,8 @@ def load_local(task: Task, split: str, data_dir: str | Path) -> list[Example]:
         raise TaskError(f"missing data file {path} ({task.name} {split} split)")
     has_header, text_cols, label_col, parse = _LOCAL[task.name]
     header, rows = read_tsv(path)
+    if header is None:
+        return []  # load_split reports the empty split
     if not has_header:
         rows = [header, *rows]
         pos = {c: c for c in (*text_cols, label_col)}

@@ -162,3 +162,64 @@ def standin_dense(standin_gguf):
 
     model = LlamaForCausalLM.from_pretrained(standin_gguf.parent, gguf_file=standin_gguf.name, dtype=torch.float32)
     return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Added for the fine-tuning tests (test_finetune). Nothing above this line was changed.
+# ---------------------------------------------------------------------------------------------------------------
+
+FT_N, FT_K, FT_LAYERS = 4, 2, "1-2"  # the routed tiny fine-tuning base: layers 1-2, 192 neurons in 4 clusters, k 2
+
+
+@pytest.fixture(scope="session")
+def standin_tokenizer(standin_gguf):
+    """The stand-in's tokenizer (49152 tokens), read from the GGUF once per session."""
+    import convert
+    from transformers import AutoTokenizer
+
+    with convert._quiet():
+        return AutoTokenizer.from_pretrained(standin_gguf.parent, gguf_file=standin_gguf.name)
+
+
+def tiny_llama_with_tokenizer(path: Path, tokenizer, seed: int) -> Path:
+    """A tiny random LlamaForCausalLM with the stand-in's vocabulary, saved with `tokenizer` into `path`: a base
+    model folder that `finetune` (and `convert`) take like any local checkpoint."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=192,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_tok_dir(standin_tokenizer, tmp_path_factory) -> Path:
+    """A tiny random Llama (3 layers, GQA, I = 192, tied embeddings) with the stand-in's tokenizer."""
+    return tiny_llama_with_tokenizer(tmp_path_factory.mktemp("tiny-tok") / "llama", standin_tokenizer, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_tok_other_dir(standin_tokenizer, tmp_path_factory) -> Path:
+    """Same architecture and tokenizer as `tiny_tok_dir`, other random weights: a different base."""
+    return tiny_llama_with_tokenizer(tmp_path_factory.mktemp("tiny-tok-other") / "llama", standin_tokenizer, seed=99)
+
+
+@pytest.fixture(scope="session")
+def tiny_tok_routed_dir(tiny_tok_dir, tmp_path_factory) -> Path:
+    """`tiny_tok_dir` converted by `convert.convert` (layers FT_LAYERS, N = FT_N, k = FT_K); tokenizer included."""
+    import convert
+
+    out = tmp_path_factory.mktemp("tiny-tok-routed") / "routed"
+    return convert.convert(str(tiny_tok_dir), out, num_experts=FT_N, top_k=FT_K, layers=FT_LAYERS, progress=False)
