@@ -3,7 +3,7 @@
 #   1. set up .venv;  2. convert the stand-in into a routed checkpoint (last 8 of 30 layers, N=32, k=16);
 #   3. load it with trust_remote_code in a fresh process, print a summary and sample generations;
 #   4. a short CPU-sized LoRA comparison on RTE (plain vs routed, 2 seeds, a few hundred examples).
-# Outputs go to outputs/ (replaced on each run). About 20 minutes on 2 cores, most of it step 4.
+# Outputs go to outputs/ (replaced on each run). About 17 minutes on 2 cores, most of it step 4.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
