@@ -115,7 +115,8 @@ class RoutedLlamaMLP(nn.Module):
 
     @torch.no_grad()
     def refresh_router(self):
-        """Recompute the centroids from the current `gate_proj` rows (after surgery, or after merging an adapter)."""
+        """Recompute the centroids from the current `gate_proj` rows (after surgery). Not called after merging an
+        adapter: the unmerged model routes with the base's centroids, and the merged one must compute the same."""
         self.router.centroids.copy_(cluster_means(self.gate_proj.weight, self.offsets))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -137,7 +138,8 @@ class RoutedLlamaMLP(nn.Module):
 
         "auto" is "mask" everywhere: on the H200 (results/decode/) the fused kernels reach about a third of the
         bandwidth cuBLAS reaches on the dense FFN, so skipping half the weights still loses; the grouped path syncs
-        with the host and loses at every size. "sparse" runs the kernels on CUDA for up to TRITON_MAX_TOKENS tokens.
+        with the host once per call, which rules it out for CUDA graphs. "sparse" runs the kernels on CUDA for up to
+        TRITON_MAX_TOKENS tokens without gradients, and the grouped path otherwise.
         """
         impl = self.config.routing_impl
         if impl in ("mask", "auto"):
@@ -169,9 +171,8 @@ class RoutedLlamaMLP(nn.Module):
     def forward_sparse(self, x: torch.Tensor) -> torch.Tensor:
         """Only the kept clusters: sort (token, cluster) pairs by cluster and run one slice of each weight per cluster.
 
-        Works with adapters (it calls the projections on weight slices only when they are plain `nn.Linear`; with
-        an adapter attached it falls back to the full projections, as the adapter's low-rank update is not sliced),
-        supports autograd, and is the reference the Triton kernels are checked against. x (M, H) -> (M, H).
+        Slices the weights, so it needs plain `nn.Linear` projections; with an adapter attached (whose low-rank
+        update is not sliced) it runs the mask path instead. Supports autograd. x (M, H) -> (M, H).
         """
         if not all(type(p) is nn.Linear for p in (self.gate_proj, self.up_proj, self.down_proj)):
             return self.forward_mask(x)
