@@ -994,16 +994,7 @@ def plot_task_specialisation(res: PermutationResult, layers, task_names, k, path
             cmap="PuOr_r",
             vmax=span,
         )
-    p = _pfmt(res.p_value)
-    fig.suptitle(
-        f"Cluster usage by task ({scope} tokens): {res.statistic} = {res.observed:.3f} "
-        f"(null mean {res.null_mean if res.null_mean is None else round(res.null_mean, 3)}), "
-        f"permutation p = {p}",
-        fontsize=11,
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    _finish_permutation_figure(fig, plt, res, f"Cluster usage by task ({scope} tokens)", path)
 
 
 def plot_label_specialisation(
@@ -1035,17 +1026,20 @@ def plot_label_specialisation(
     axes = np.atleast_1d(axes)
     for ax, (title, d) in zip(axes, panels):
         _heat(ax, d, layers, title, "percentage points", center=0.0, cmap="PuOr_r", vmax=span)
-    p = _pfmt(res.p_value)
+    _finish_permutation_figure(fig, plt, res, f"Cluster usage by label within each task ({scope} tokens)", path)
+    return True
+
+
+def _finish_permutation_figure(fig, plt, res: PermutationResult, title: str, path: Path):
+    """Title a specialisation figure with its permutation test, then save and close it."""
+    null = res.null_mean if res.null_mean is None else round(res.null_mean, 3)
     fig.suptitle(
-        f"Cluster usage by label within each task ({scope} tokens): {res.statistic} = {res.observed:.3f} "
-        f"(null mean {res.null_mean if res.null_mean is None else round(res.null_mean, 3)}), "
-        f"permutation p = {p}",
+        f"{title}: {res.statistic} = {res.observed:.3f} (null mean {null}), permutation p = {_pfmt(res.p_value)}",
         fontsize=11,
     )
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
-    return True
 
 
 def plot_change(change: dict, layers, k, n, path: Path):

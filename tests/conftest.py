@@ -184,17 +184,13 @@ def standin_tokenizer(standin_gguf):
 def tiny_llama_with_tokenizer(path: Path, tokenizer, seed: int) -> Path:
     """A tiny random LlamaForCausalLM with the stand-in's vocabulary, saved with `tokenizer` into `path`: a base
     model folder that `finetune` (and `convert`) take like any local checkpoint."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(
+    config = tiny_llama_config(
         vocab_size=49152,
-        hidden_size=64,
         intermediate_size=192,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
         tie_word_embeddings=True,
+        pad_token_id=None,  # the classifier takes the tokenizer's pad token, as for a real base
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
