@@ -23,7 +23,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -169,10 +169,13 @@ class Source:
     path: str
     gguf_file: str | None = None
     display: str = ""
-    kwargs: dict = field(default_factory=dict)
+
+    @property
+    def kwargs(self) -> dict:
+        """Extra `from_pretrained` arguments that select the file."""
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
 
     def __post_init__(self):
-        self.kwargs = {"gguf_file": self.gguf_file} if self.gguf_file else {}
         if not self.display:
             self.display = self.path if not self.gguf_file else f"{self.path}/{self.gguf_file}"
 
@@ -305,10 +308,6 @@ def parse_layers(spec: str | list[int] | None, num_layers: int) -> list[int]:
     if not items:
         raise ConversionError("--layers selects no layer")
     return sorted(set(items))
-
-
-def last_layers(n: int, num_layers: int) -> list[int]:
-    return list(range(num_layers - n, num_layers))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -636,14 +635,14 @@ def write_checkpoint(routed, tokenizer, records, plan_: Plan, save_dtype, load_s
         for name in ("configuration_routed_llama.py", "modeling_routed_llama.py"):  # save_pretrained copies them;
             if not (tmp / name).exists():  # make sure even if a transformers version does not
                 shutil.copy2(HERE / name, tmp / name)
-        _publish_permissions(tmp)
-        _move_into_place(tmp, out, plan_.overwrite)
+        publish_permissions(tmp)
+        move_into_place(tmp, out, plan_.overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def _publish_permissions(folder: Path):
+def publish_permissions(folder: Path):
     """mkdtemp makes the folder private (0700) and safetensors writes 0600; give the checkpoint the permissions
     any other file the user creates would get."""
     umask = os.umask(0)
@@ -654,10 +653,11 @@ def _publish_permissions(folder: Path):
             f.chmod(0o666 & ~umask)
 
 
-def _move_into_place(tmp: Path, out: Path, overwrite: bool):
+def move_into_place(tmp: Path, out: Path, overwrite: bool):
+    """Move a finished folder `tmp` to `out`; an existing non-empty `out` is replaced only with `overwrite`."""
     if out.exists() and any(out.iterdir()):
-        if not overwrite:  # checked in plan(); re-checked here because loading can take minutes
-            raise ConversionError(f"{out} appeared while converting; pass --overwrite to replace it")
+        if not overwrite:  # callers check first; re-checked here because loading can take minutes
+            raise ConversionError(f"{out} appeared while writing; pass --overwrite to replace it")
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         out.rename(old)
         tmp.rename(out)

@@ -146,13 +146,16 @@ class RoutedLlamaMLP(nn.Module):
             return "mask"
         return "triton" if self._triton_ok(x) else "sparse"
 
+    def _plain_projections(self) -> bool:
+        """No adapter wraps gate/up/down: the weights can be sliced and read directly."""
+        return all(type(p) is nn.Linear for p in (self.gate_proj, self.up_proj, self.down_proj))
+
     def _triton_ok(self, x: torch.Tensor) -> bool:
-        plain = all(type(p) is nn.Linear for p in (self.gate_proj, self.up_proj, self.down_proj))  # no adapters
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.gate_proj.weight.requires_grad)
         return (
             triton is not None
             and x.is_cuda
-            and plain
+            and self._plain_projections()
             and not needs_grad  # the kernels have no backward
             and self.config.hidden_act == "silu"
             and self.router.kind == "centroid"
@@ -174,7 +177,7 @@ class RoutedLlamaMLP(nn.Module):
         Slices the weights, so it needs plain `nn.Linear` projections; with an adapter attached (whose low-rank
         update is not sliced) it runs the mask path instead. Supports autograd. x (M, H) -> (M, H).
         """
-        if not all(type(p) is nn.Linear for p in (self.gate_proj, self.up_proj, self.down_proj)):
+        if not self._plain_projections():
             return self.forward_mask(x)
         h_full = None
         if self.router.kind == "activation":  # its scores need every cluster's activation: only down_proj is skipped

@@ -19,7 +19,6 @@ def mlp(hidden, inter, n, k, dtype, seed):
     m = mrl.RoutedLlamaMLP(cfg, 0).cuda()
     for p in m.parameters():
         torch.nn.init.normal_(p, std=hidden**-0.5)
-    m.router.expert_offsets.copy_(torch.tensor(m.offsets))
     m.refresh_router()
     return m.to(dtype).eval()
 

@@ -65,8 +65,7 @@ def build_routed(dense, num_experts: int, top_k: int, impl: str):
     with no_init_weights(), torch.device(device):
         routed = mrl.RoutedLlamaForCausalLM(cfg).to(dtype)
     routed.load_state_dict(dense.state_dict(), strict=False)
-    for mlp in routed.model.routed_mlps().values():
-        mlp.router.expert_offsets.copy_(torch.tensor(mlp.offsets))
+    for mlp in routed.model.routed_mlps().values():  # the offsets are built from the config; centroids need weights
         mlp.refresh_router()
     return routed.eval()
 
@@ -185,7 +184,6 @@ def ffn_rows(shape, device, dtype, ratios, num_experts, graph, reps, tile_grid):
             for d in dense:
                 m = mrl.RoutedLlamaMLP(rcfg, 0).to(dtype).eval()
                 m.load_state_dict(d.state_dict(), strict=False)
-                m.router.expert_offsets.copy_(torch.tensor(m.offsets))
                 m.refresh_router()
                 routed.append(m)
         t_ideal = ffn_us(ideal, x, reps, graph)

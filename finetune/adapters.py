@@ -7,6 +7,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import convert
+
 from . import models
 
 RUN_FILE = "routed_llama_adapter.json"
@@ -69,13 +71,8 @@ def merge(adapter_dir: str | Path, out_dir: str | Path, overwrite: bool = False)
                 if not (tmp / name).exists():
                     shutil.copy2(Path(info["base"]) / name, tmp / name)
         (tmp / "merged_from.json").write_text(json.dumps({"adapter": str(adapter_dir), **info}, indent=2) + "\n")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        convert.publish_permissions(tmp)
+        convert.move_into_place(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from . import stats, tasks
+from .models import is_routed_checkpoint
 from .train import RunConfig, hardware, run_one
 
 FORMAT_VERSION = 1
@@ -107,8 +108,6 @@ def validate(exp: Experiment):
     convert.resolve_source(exp.base.model)  # the base must exist (the Hub is checked when loading)
     for arm in exp.arms:
         if arm.checkpoint is not None:
-            from .models import is_routed_checkpoint
-
             if not is_routed_checkpoint(arm.checkpoint):
                 raise ValueError(f"arm {arm.name}: {arm.checkpoint} is not a routed checkpoint")
         elif not 1 <= arm.top_k <= arm.num_experts:

@@ -89,8 +89,7 @@ def load_classifier(ref: str, num_labels: int, tokenizer=None, top_k: int | None
             model = AutoModelForSequenceClassification.from_pretrained(ref, trust_remote_code=True, **kwargs, **extra)
         else:
             src = _source(ref)
-            config = convert.load_base_config(src)
-            del config
+            convert.load_base_config(src)  # a Llama, or one clear error before the weights load
             model = AutoModelForSequenceClassification.from_pretrained(src.path, **src.kwargs, **kwargs)
     if getattr(model, "hf_quantizer", None) is not None:  # GGUF: weights arrive dequantised
         model.hf_quantizer.remove_quantization_config(model)
