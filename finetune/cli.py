@@ -38,7 +38,6 @@ def _recipe_args(p: argparse.ArgumentParser):
     g.add_argument("--modules-to-save", nargs="+", default=d.modules_to_save)
     g.add_argument("--max-length", type=int, default=d.max_length)
     g.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default=d.precision)
-    g.add_argument("--compile", action="store_true", help="torch.compile the model (Trainer's torch_compile)")
     g.add_argument("--routing-impl", choices=["mask", "sparse", "auto"], default=None)
     g.add_argument("--num-workers", type=int, default=0, help="data loader workers")
 
