@@ -1,0 +1,623 @@
+"""python -m finetune sweep: a pre-registered plan of routed-LoRA configs x GLUE tasks x seeds, against plain LoRA.
+
+The plan (a JSON file, committed before any of its runs) fixes everything: the tasks, the recipe every arm shares,
+the routed configs, the seeds and the analysis. The sweep runs it in stages, in the plan's `stage_order`:
+
+- "lr": plain LoRA per task on a held-out slice of train (never dev), every lr of the grid x the lr seeds; the lr
+  with the best mean holdout metric (ties: the smaller lr) is used by every arm of that task;
+- "round1": plain and every config x every task x the round-1 seeds, ordered so that an interrupted sweep has
+  finished whole (arm, task) cells in priority order;
+- "confirmation": the config with the best mean standardised Δ on the selection tasks, re-run with fresh seeds on
+  the held-out tasks, together with plain on those seeds.
+
+Every run writes its own result.json under OUTPUT/runs/; with `resume` a run whose result.json exists is kept and
+an interrupted one is redone. The statistics and the report are rebuilt from those files at the end of every
+invocation, so they always describe what has been run so far.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from . import tasks
+from .config import RunConfig
+
+try:  # the library's shared error type, once it exists
+    from routed_llama.errors import UserError
+except ImportError:  # pragma: no cover - until routed_llama/ lands
+
+    class UserError(ValueError):
+        """Bad input: the command line prints it as one line and exits with code 2."""
+
+
+PLAN_FORMAT = "routed-llama-sweep-plan/1"
+PLAIN = "plain"
+STAGES = ("lr", "round1", "confirmation")
+_PER_RUN = {"task", "model", "arm", "seed", "lr", "holdout_fraction", "data_dir", "output_dir", "eval_routing_off"}
+_PLAN_KEYS = {"format", "name", "written", "question", "model", "data_dir", "tasks", "recipe", "stage_order",
+              "lr_selection", "configs", "reference", "round1", "confirmation", "analysis"}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Settings
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SweepSettings:
+    """Settings of `python -m finetune sweep`."""
+
+    plan: str = field(metadata={"help": "the plan JSON (e.g. results/sweep/plan.json)"})
+    output: str = field(metadata={"help": "results folder: plan.json, runs/, results.json, report.md, figures"})
+    resume: bool = field(default=False, metadata={"help": "keep finished runs in OUTPUT and redo interrupted ones"})
+    jobs: int = field(default=1, metadata={"help": "runs at a time (separate processes sharing the device)"})
+    only_stage: list[str] = field(default_factory=lambda: list(STAGES),
+                                  metadata={"help": f"run only these stages ({', '.join(STAGES)}); the report "
+                                                    "always covers every finished run"})  # fmt: skip
+    data_dir: str | None = field(default=None, metadata={"help": "local GLUE folder (default: the plan's data_dir)"})
+    checkpoint_dir: str = field(default="outputs/sweep-checkpoints",
+                                metadata={"help": "where each routed config is converted once (reused when there)"})
+    budget_s: float | None = field(default=None, metadata={"help": "start no new batch of runs after this many "
+                                                                   "seconds (then write the report)"})  # fmt: skip
+
+    def __post_init__(self):
+        self.only_stage = list(self.only_stage)
+        bad = [s for s in self.only_stage if s not in STAGES]
+        if bad or not self.only_stage:
+            raise UserError(f"--only-stage takes {', '.join(STAGES)}; got {self.only_stage}")
+        if self.jobs < 1:
+            raise UserError(f"--jobs must be >= 1, got {self.jobs}")
+        if self.budget_s is not None and not self.budget_s > 0:
+            raise UserError(f"--budget-s must be > 0, got {self.budget_s}")
+        if not Path(self.plan).is_file():
+            raise UserError(f"no plan file {self.plan}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The plan
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RoutedConfig:
+    """One routed arm: how the base is converted (N = num_clusters, k = top_k clusters kept per token)."""
+
+    name: str
+    layers: str
+    num_clusters: int
+    top_k: int
+    method: str = "kmeans"
+    router: str = "centroid"
+    partition_seed: int = 0
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A parsed plan; `raw` is the JSON as read (what OUTPUT/plan.json must equal)."""
+
+    name: str
+    model: str
+    data_dir: str | None
+    tasks: tuple[str, ...]
+    recipe: dict
+    stage_order: tuple[str, ...]
+    lr_grid: tuple[float, ...]
+    lr_seeds: tuple[int, ...]
+    holdout_fraction: float
+    configs: tuple[RoutedConfig, ...]
+    reference: str
+    round1_seeds: tuple[int, ...]
+    select_tasks: tuple[str, ...]
+    confirm_tasks: tuple[str, ...]
+    confirm_seeds: tuple[int, ...]
+    analysis: dict
+    raw: dict
+
+    def config(self, name: str) -> RoutedConfig:
+        return next(c for c in self.configs if c.name == name)
+
+    @property
+    def metrics(self) -> dict[str, str]:
+        return {t: tasks.get_task(t).primary for t in self.tasks}
+
+
+def _get(d: dict, key: str, where: str):
+    if key not in d:
+        raise UserError(f"plan: {where} has no {key!r}")
+    return d[key]
+
+
+def _seeds(values, where: str) -> tuple[int, ...]:
+    if not isinstance(values, list) or not values or not all(isinstance(s, int) for s in values):
+        raise UserError(f"plan: {where} seeds must be a non-empty list of integers, got {values!r}")
+    if len(set(values)) != len(values):
+        raise UserError(f"plan: {where} seeds repeat: {values}")
+    if len(values) < 2:
+        raise UserError(f"plan: {where} needs at least 2 seeds (a paired CI needs them), got {values}")
+    return tuple(values)
+
+
+def read_plan(path: str | Path) -> Plan:
+    """Parse and check a plan's structure (no model or data is read)."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"cannot read the plan {path}: {exc}") from None
+    if not isinstance(raw, dict) or raw.get("format") != PLAN_FORMAT:
+        raise UserError(f"{path} is not a sweep plan (format must be {PLAN_FORMAT!r})")
+    unknown = sorted(set(raw) - _PLAN_KEYS)
+    if unknown:
+        raise UserError(f"plan: unknown keys {unknown}")
+    plan_tasks = _tasks(_get(raw, "tasks", "the plan"))
+    lr, r1, cf = (_get(raw, k, "the plan") for k in ("lr_selection", "round1", "confirmation"))
+    plan = Plan(
+        name=str(_get(raw, "name", "the plan")),
+        model=str(_get(raw, "model", "the plan")),
+        data_dir=raw.get("data_dir"),
+        tasks=plan_tasks,
+        recipe=_recipe(_get(raw, "recipe", "the plan")),
+        stage_order=tuple(_get(raw, "stage_order", "the plan")),
+        lr_grid=tuple(float(x) for x in _get(lr, "grid", "lr_selection")),
+        lr_seeds=_seeds(_get(lr, "seeds", "lr_selection"), "lr_selection"),
+        holdout_fraction=float(_get(lr, "holdout_fraction", "lr_selection")),
+        configs=tuple(_routed_config(c) for c in _get(raw, "configs", "the plan")),
+        reference=str(_get(raw, "reference", "the plan")),
+        round1_seeds=_seeds(_get(r1, "seeds", "round1"), "round1"),
+        select_tasks=tuple(_tasks(_get(cf, "select_on", "confirmation"))),
+        confirm_tasks=tuple(_tasks(_get(cf, "tasks", "confirmation"))),
+        confirm_seeds=_seeds(_get(cf, "seeds", "confirmation"), "confirmation"),
+        analysis=dict(_get(raw, "analysis", "the plan")),
+        raw=raw,
+    )
+    _check_structure(plan)
+    return plan
+
+
+def _tasks(names) -> tuple[str, ...]:
+    if not isinstance(names, (list, dict)) or not names:
+        raise UserError(f"plan: tasks must be a non-empty list (or task -> metric), got {names!r}")
+    try:
+        out = tuple(tasks.get_task(n).name for n in names)
+    except ValueError as exc:  # TaskError: an unknown task
+        raise UserError(f"plan: {exc}") from None
+    if isinstance(names, dict):  # the plan states each task's metric: it must be the registry's
+        for n, m in names.items():
+            if tasks.get_task(n).primary != m:
+                raise UserError(f"plan: task {n}'s metric is {tasks.get_task(n).primary}, the plan says {m!r}")
+    if len(set(out)) != len(out):
+        raise UserError(f"plan: tasks repeat: {list(names)}")
+    return out
+
+
+def _recipe(recipe: dict) -> dict:
+    if not isinstance(recipe, dict):
+        raise UserError("plan: recipe must be an object of RunConfig fields")
+    fields_ = set(RunConfig.__dataclass_fields__) - _PER_RUN
+    unknown = sorted(set(recipe) - fields_)
+    if unknown:
+        raise UserError(f"plan: recipe keys {unknown} are not shared recipe fields; allowed: {sorted(fields_)}")
+    return dict(recipe)
+
+
+def _routed_config(c: dict) -> RoutedConfig:
+    if not isinstance(c, dict):
+        raise UserError(f"plan: a config must be an object, got {c!r}")
+    known = set(RoutedConfig.__dataclass_fields__)
+    unknown = sorted(set(c) - known)
+    if unknown:
+        raise UserError(f"plan: config {c.get('name')!r} has unknown keys {unknown}; known: {sorted(known)}")
+    try:
+        rc = RoutedConfig(**c)
+    except TypeError as exc:
+        raise UserError(f"plan: config {c.get('name')!r}: {exc}") from None
+    if not 1 <= int(rc.top_k) <= int(rc.num_clusters):
+        raise UserError(f"plan: config {rc.name}: need 1 <= top_k <= num_clusters, got k={rc.top_k}, N={rc.num_clusters}")
+    if rc.method not in ("kmeans", "random"):
+        raise UserError(f"plan: config {rc.name}: method must be kmeans or random, got {rc.method!r}")
+    if rc.router not in ("centroid", "activation"):
+        raise UserError(f"plan: config {rc.name}: router must be centroid or activation, got {rc.router!r}")
+    return rc
+
+
+def _check_structure(plan: Plan):
+    names = [c.name for c in plan.configs]
+    if not names or len(set(names)) != len(names) or PLAIN in names:
+        raise UserError(f"plan: config names must be present, distinct and not {PLAIN!r}: {names}")
+    if plan.reference not in names:
+        raise UserError(f"plan: the reference {plan.reference!r} is not a config name")
+    if sorted(plan.stage_order) != sorted(STAGES):
+        raise UserError(f"plan: stage_order must name each of {list(STAGES)} once, got {list(plan.stage_order)}")
+    if list(plan.stage_order).index("lr") > min(list(plan.stage_order).index(s) for s in ("round1", "confirmation")):
+        raise UserError("plan: the lr stage must come before the rounds that use its lr")
+    if not plan.lr_grid or any(not lr > 0 for lr in plan.lr_grid) or len(set(plan.lr_grid)) != len(plan.lr_grid):
+        raise UserError(f"plan: the lr grid must be distinct positive numbers, got {list(plan.lr_grid)}")
+    if not 0 < plan.holdout_fraction < 1:
+        raise UserError(f"plan: holdout_fraction must be in (0, 1), got {plan.holdout_fraction}")
+    for where, ts in (("confirmation select_on", plan.select_tasks), ("confirmation tasks", plan.confirm_tasks)):
+        if not set(ts) <= set(plan.tasks):
+            raise UserError(f"plan: {where} {list(ts)} are not all among the plan's tasks {list(plan.tasks)}")
+    if set(plan.select_tasks) & set(plan.confirm_tasks):
+        raise UserError("plan: the confirmation tasks must be held out from the selection tasks")
+    if set(plan.confirm_seeds) & set(plan.round1_seeds):
+        raise UserError(f"plan: the confirmation seeds must be fresh; {sorted(set(plan.confirm_seeds) & set(plan.round1_seeds))} are round-1 seeds")
+    for t in plan.tasks:
+        try:
+            RunConfig(**plan.recipe, task=t).validate()
+        except (TypeError, ValueError) as exc:
+            raise UserError(f"plan: recipe: {exc}") from None
+
+
+def check_inputs(plan: Plan, data_dir: str | None):
+    """Every task's train and dev split can be read, and every config fits the base model (layers, N)."""
+    import convert
+
+    for t in plan.tasks:
+        task = tasks.get_task(t)
+        try:
+            for split in ("train", "validation"):
+                tasks.load_split(task, split, data_dir)
+        except ValueError as exc:  # TaskError
+            raise UserError(f"plan: {exc}") from None
+    try:
+        base = convert.load_base_config(convert.resolve_source(plan.model))
+    except ValueError as exc:  # ConversionError: not a Llama, missing, unreadable
+        raise UserError(f"plan: model {plan.model!r}: {exc}") from None
+    for c in plan.configs:
+        try:
+            convert.parse_layers(c.layers, base.num_hidden_layers)
+        except ValueError as exc:
+            raise UserError(f"plan: config {c.name}: {exc}") from None
+        if c.num_clusters > base.intermediate_size:
+            raise UserError(f"plan: config {c.name}: num_clusters {c.num_clusters} exceeds the FFN's "
+                            f"intermediate_size {base.intermediate_size}")  # fmt: skip
+
+
+def check_output(plan: Plan, out: Path, resume: bool):
+    """OUTPUT is empty, or holds this plan (and, with `resume`, its runs); never another plan's results."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} exists and is not a folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    held = out / "plan.json"
+    if not held.is_file():
+        raise UserError(f"{out} is not empty and holds no plan.json: not a sweep of this plan; pick another --output")
+    try:
+        same = json.loads(held.read_text()) == plan.raw
+    except (OSError, json.JSONDecodeError):
+        same = False
+    if not same:
+        raise UserError(f"{out} holds the results of another plan ({held} differs from the given plan); "
+                        "pick another --output")  # fmt: skip
+    runs = out / "runs"
+    if runs.is_dir() and any(runs.iterdir()) and not resume:
+        raise UserError(f"{out} already holds runs of this plan; pass --resume to continue the sweep")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Runs and cells
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Run:
+    """One fine-tuning run of the sweep. A cell is the runs of one (stage, arm, task) over the stage's seeds."""
+
+    stage: str
+    task: str
+    arm: str
+    seed: int
+    lr: float
+
+    def folder(self, out: Path) -> Path:
+        if self.stage == "lr":
+            return out / "runs" / "lr" / self.task / f"lr{self.lr:g}" / f"seed{self.seed}"
+        return out / "runs" / self.task / self.arm / f"seed{self.seed}"
+
+
+def lr_cells(plan: Plan) -> list[list[Run]]:
+    return [[Run("lr", t, PLAIN, s, lr) for s in plan.lr_seeds] for t in plan.tasks for lr in plan.lr_grid]
+
+
+def round1_cells(plan: Plan, lrs: dict[str, float]) -> list[list[Run]]:
+    """Priority order: plain and the reference on every task; then the other configs on the selection tasks
+    (what the confirmation round's choice needs), then on the remaining tasks. Tasks without an lr are left out."""
+    others = [c.name for c in plan.configs if c.name != plan.reference]
+    rest_tasks = [t for t in plan.tasks if t not in plan.select_tasks]
+    order = [(a, t) for t in plan.tasks for a in (PLAIN, plan.reference)]
+    order += [(a, t) for t in (*plan.select_tasks, *rest_tasks) for a in others]
+    return [[Run("round1", t, a, s, lrs[t]) for s in plan.round1_seeds] for a, t in order if t in lrs]
+
+
+def confirmation_cells(plan: Plan, lrs: dict[str, float], best: str) -> list[list[Run]]:
+    return [[Run("confirmation", t, a, s, lrs[t]) for s in plan.confirm_seeds]
+            for t in plan.confirm_tasks for a in (PLAIN, best) if t in lrs]  # fmt: skip
+
+
+def read_result(run: Run, out: Path) -> dict | None:
+    """The run's result.json; None if it is not there or unreadable (a run interrupted while writing it)."""
+    path = run.folder(out) / "result.json"
+    if not path.is_file():
+        return None
+    try:
+        r = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    got = (r.get("task"), r.get("arm"), r.get("seed"))
+    if got != (run.task, run.arm, run.seed) or not math.isclose(float(r.get("lr", -1)), run.lr, rel_tol=1e-9):
+        raise UserError(f"{path} holds a run (task, arm, seed {got}, lr {r.get('lr')}) that is not this plan's "
+                        f"({run.task}, {run.arm}, {run.seed}, lr {run.lr:g})")  # fmt: skip
+    return r
+
+
+@dataclass
+class Progress:
+    """What has been run: finished results per run, the chosen lr per task, the confirmation config."""
+
+    results: dict[Run, dict]
+    lr_scores: dict[str, dict[float, list[float]]]  # task -> lr -> holdout scores (complete tasks only)
+    lrs: dict[str, float]
+    round1_cells: list[list[Run]]
+    best: str | None
+    best_scores: dict
+    confirmation_cells: list[list[Run]]
+
+    def scores(self, cell: list[Run], key: str = "final") -> dict[int, float] | None:
+        """seed -> primary metric of a complete cell (`key` "final" or "final_routing_off"); None if incomplete."""
+        rs = [self.results.get(r) for r in cell]
+        if any(r is None or not r.get(key) for r in rs):
+            return None
+        return {r["seed"]: float(r[key][r["primary_metric"]]) for r in rs}
+
+
+def collect(plan: Plan, out: Path) -> Progress:
+    """Read every finished run of the plan and derive the lr choices and the confirmation config."""
+    from . import sweep_stats
+
+    results, by_task = {}, {}
+    for cell in lr_cells(plan):
+        for r in cell:
+            if (res := read_result(r, out)) is not None:
+                results[r] = res
+        done = [results[r]["final"][results[r]["primary_metric"]] for r in cell if r in results]
+        by_task.setdefault(cell[0].task, {})[cell[0].lr] = done
+    lr_scores = {t: v for t, v in by_task.items() if all(len(x) == len(plan.lr_seeds) for x in v.values())}
+    lrs = {t: sweep_stats.choose_lr(v) for t, v in lr_scores.items()}
+    r1 = round1_cells(plan, lrs)
+    for cell in r1:
+        for r in cell:
+            if (res := read_result(r, out)) is not None:
+                results[r] = res
+    progress = Progress(results, lr_scores, lrs, r1, None, {}, [])
+    stats = round_stats(plan, progress, r1, plan.select_tasks)
+    names = [c.name for c in plan.configs]
+    progress.best, progress.best_scores = sweep_stats.select_best(stats, names, plan.select_tasks)
+    if progress.best is not None:
+        progress.confirmation_cells = confirmation_cells(plan, lrs, progress.best)
+        for cell in progress.confirmation_cells:
+            for r in cell:
+                if (res := read_result(r, out)) is not None:
+                    results[r] = res
+    return progress
+
+
+def round_scores(progress: Progress, cells: list[list[Run]], task_names) -> tuple[dict, dict, dict]:
+    """(plain, routed, routing_off) scores of the complete cells: task -> seed -> score for plain, and
+    arm -> task -> seed -> score for the routed arms."""
+    plain, routed, off = {}, {}, {}
+    for cell in cells:
+        arm, task = cell[0].arm, cell[0].task
+        s = progress.scores(cell)
+        if task not in task_names or s is None:
+            continue
+        if arm == PLAIN:
+            plain[task] = s
+        else:
+            routed.setdefault(arm, {})[task] = s
+            if (o := progress.scores(cell, "final_routing_off")) is not None:
+                off.setdefault(arm, {})[task] = o
+    return plain, routed, off
+
+
+def round_stats(plan: Plan, progress: Progress, cells: list[list[Run]], task_names) -> dict:
+    from . import sweep_stats
+
+    plain, routed, off = round_scores(progress, cells, task_names)
+    return sweep_stats.analyze_round(plain, routed, off, plan.analysis)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _run_many():
+    """finetune.runner.run_many (the compare helper's runner), or a sequential stand-in until it exists."""
+    try:
+        from .runner import run_many
+
+        return run_many
+    except ImportError:
+        return _run_many_sequential
+
+
+def _run_many_sequential(configs: list[RunConfig], run_dirs: list[Path], jobs: int, resume: bool, log=print):
+    """One run after another in this process; a finished run (result.json) is kept with `resume`."""
+    from .train import run_one
+
+    out = []
+    for cfg, d in zip(configs, run_dirs):
+        done = (d / "result.json").is_file()
+        if resume and done:
+            out.append(json.loads((d / "result.json").read_text()))
+            continue
+        if d.exists():  # an interrupted run: start it again from scratch
+            shutil.rmtree(d)
+        r = run_one(replace(cfg, output_dir=str(d)))
+        log(f"  {r['task']} {r['arm']:<14} seed {r['seed']:<3} lr {r['lr']:<7g} {r['primary_metric']} "
+            f"{r['final'][r['primary_metric']]:6.2f} ({r['train_seconds']:.1f} s)")  # fmt: skip
+        out.append(r)
+    return out
+
+
+class Checkpoints:
+    """Each routed config converted once into `folder`/<name> (a finished conversion there is reused)."""
+
+    def __init__(self, plan: Plan, folder: Path, log=print):
+        self.plan, self.folder, self.log, self.paths = plan, folder, log, {PLAIN: plan.model}
+
+    def path(self, arm: str) -> str:
+        if arm not in self.paths:
+            self.paths[arm] = str(self._convert(self.plan.config(arm)))
+        return self.paths[arm]
+
+    def _convert(self, c: RoutedConfig) -> Path:
+        import convert
+
+        target = self.folder / c.name
+        record = target / "conversion.json"
+        if record.is_file():
+            have = json.loads(record.read_text())
+            wanted = {"num_experts": c.num_clusters, "num_experts_per_tok": c.top_k, "method": c.method,
+                      "router": c.router, "seed": c.partition_seed,
+                      "routed_layers": convert.parse_layers(c.layers, have["num_hidden_layers"])}  # fmt: skip
+            if all(have.get(k) == v for k, v in wanted.items()):
+                self.log(f"reusing the routed checkpoint {target}")
+                return target
+            raise UserError(f"{target} holds another conversion than config {c.name}; remove it or pass another "
+                            "--checkpoint-dir")  # fmt: skip
+        self.log(f"converting {self.plan.model} for {c.name} (layers {c.layers}, N={c.num_clusters}, k={c.top_k}, "
+                 f"{c.method}, {c.router} router)")  # fmt: skip
+        self.folder.mkdir(parents=True, exist_ok=True)
+        return convert.convert(self.plan.model, target, num_experts=c.num_clusters, top_k=c.top_k, layers=c.layers,
+                               seed=c.partition_seed, method=c.method, router=c.router, progress=False)  # fmt: skip
+
+
+def run_config(plan: Plan, run: Run, model: str, data_dir: str | None, out: Path) -> RunConfig:
+    """The plan's recipe for one run; the lr stage scores a held-out slice of train instead of dev."""
+    return RunConfig(**plan.recipe, task=run.task, model=model, arm=run.arm, seed=run.seed, lr=run.lr,
+                     data_dir=data_dir, holdout_fraction=plan.holdout_fraction if run.stage == "lr" else None,
+                     eval_routing_off=run.arm != PLAIN, output_dir=str(run.folder(out)))  # fmt: skip
+
+
+def batches(cells: list[list[Run]], jobs: int, whole: bool) -> list[list[Run]]:
+    """Runs grouped into batches of whole cells; with `whole` one batch, else batches of >= 2 x jobs runs (the
+    budget is checked between batches)."""
+    flat = [r for cell in cells for r in cell]
+    if whole or not flat:
+        return [flat] if flat else []
+    out, cur = [], []
+    for cell in cells:
+        cur += cell
+        if len(cur) >= 2 * jobs:
+            out.append(cur)
+            cur = []
+    return out + ([cur] if cur else [])
+
+
+def execute(cells: list[list[Run]], ctx: dict) -> bool:
+    """Run the unfinished runs of `cells` in order; False if the budget stopped it before the end."""
+    s: SweepSettings = ctx["settings"]
+    out, log = Path(s.output), ctx["log"]
+    todo = [[r for r in cell if read_result(r, out) is None] for cell in cells]
+    todo = [c for c in todo if c]
+    last = 0.0
+    for batch in batches(todo, s.jobs, whole=ctx["deadline"] is None):
+        if ctx["deadline"] is not None and time.monotonic() + last > ctx["deadline"]:
+            log(f"budget reached: {sum(map(len, todo))} runs of this stage not started")
+            return False
+        t0 = time.monotonic()
+        models = [ctx["checkpoints"].path(r.arm) for r in batch]
+        configs = [run_config(ctx["plan"], r, m, ctx["data_dir"], out) for r, m in zip(batch, models)]
+        _run_many()(configs, [r.folder(out) for r in batch], s.jobs, True, log)
+        todo = [[r for r in c if r not in batch] for c in todo]
+        last = time.monotonic() - t0
+    return True
+
+
+def check_prerequisites(plan: Plan, settings: SweepSettings, progress: Progress):
+    """A stage asked for alone needs what the stages before it decide (the lr; the confirmation config)."""
+    stages = settings.only_stage
+    if "round1" in stages and "lr" not in stages and set(progress.lrs) != set(plan.tasks):
+        missing = [t for t in plan.tasks if t not in progress.lrs]
+        raise UserError(f"round1 needs the lr of every task; the lr stage is not finished for {missing}: "
+                        "run it first (--only-stage lr)")  # fmt: skip
+    if "confirmation" in stages and "round1" not in stages and progress.best is None:
+        raise UserError(f"the confirmation round needs round 1 finished on {list(plan.select_tasks)} for plain and "
+                        "every config: run round1 first")  # fmt: skip
+
+
+def write_plan_copy(out: Path, source: str):
+    """OUTPUT/plan.json: a byte copy of the plan file (left alone when there: check_output found it equal)."""
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / "plan.json"
+    if not target.is_file():
+        tmp = target.with_name(".plan.json.tmp")
+        shutil.copyfile(source, tmp)
+        tmp.replace(target)
+
+
+def sweep(settings: SweepSettings, log=print, command: str = "") -> dict:
+    """Validate the plan and OUTPUT, run the requested stages in the plan's order (resumably), then write
+    results.json, report.md and the figures from every finished run. Returns the results dict."""
+    from . import sweep_report
+
+    plan = read_plan(settings.plan)
+    out = Path(settings.output)
+    data_dir = settings.data_dir or plan.data_dir
+    check_inputs(plan, data_dir)
+    check_output(plan, out, settings.resume)
+    progress = collect(plan, out)
+    check_prerequisites(plan, settings, progress)
+    write_plan_copy(out, settings.plan)
+    t0 = time.monotonic()
+    ctx = {"settings": settings, "plan": plan, "data_dir": data_dir, "log": log,
+           "deadline": None if settings.budget_s is None else t0 + settings.budget_s,
+           "checkpoints": Checkpoints(plan, Path(settings.checkpoint_dir), log)}  # fmt: skip
+    for stage in plan.stage_order:
+        if stage not in settings.only_stage:
+            continue
+        progress = collect(plan, out)
+        cells = {"lr": lambda: lr_cells(plan), "round1": lambda: progress.round1_cells,
+                 "confirmation": lambda: progress.confirmation_cells}[stage]()  # fmt: skip
+        if stage == "confirmation" and progress.best is None:
+            log("confirmation: not started (round 1 is not finished on the selection tasks)")
+            continue
+        log(f"stage {stage}: {sum(map(len, cells))} runs in {len(cells)} cells")
+        if not execute(cells, ctx):
+            break
+    progress = collect(plan, out)
+    return sweep_report.write(plan, progress, out, {"command": command, "wall_seconds": time.monotonic() - t0})
+
+
+def parse_args(argv: list[str] | None = None) -> SweepSettings:
+    """SweepSettings from command-line arguments (flags generated from the dataclass)."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(SweepSettings, prog="python -m finetune sweep", description=__doc__.split("\n\n")[0])
+    (settings,) = parser.parse_args_into_dataclasses(args=argv)
+    return settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m finetune sweep ...`: 0 on success; bad input is one line on stderr and exit code 2."""
+    import shlex
+
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    try:
+        settings = parse_args(argv)
+        sweep(settings, log=lambda m: print(m, flush=True), command="python -m finetune sweep " + shlex.join(argv))
+    except UserError as exc:
+        print(f"python -m finetune sweep: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
