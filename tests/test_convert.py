@@ -16,6 +16,7 @@ from transformers import AutoTokenizer
 
 import convert
 import modeling_routed_llama as mrl
+from convert import ConvertSettings
 
 
 def convert_tiny(src, out, *extra, capsys=None):
@@ -43,7 +44,7 @@ def test_main_writes_a_complete_checkpoint(tiny_dense_dir, tmp_path, capsys):
     config, both .py files, generation config, the model card and conversion.json; no tokenizer (the source has
     none)."""
     out = tmp_path / "routed"
-    rc, stdout, _ = convert_tiny(tiny_dense_dir, out, "--num-experts", "4", "--top-k", "2", "--layers", "1-2",
+    rc, stdout, _ = convert_tiny(tiny_dense_dir, out, "--num-clusters", "4", "--top-k", "2", "--layers", "1-2",
                                  "--seed", "3", capsys=capsys)  # fmt: skip
     assert rc == 0
     assert len(stdout) == 1 and stdout[0].startswith(f"wrote {out}: N=4 k=2 layers=1, 2")
@@ -63,7 +64,7 @@ def test_main_writes_a_complete_checkpoint(tiny_dense_dir, tmp_path, capsys):
 
     card = (out / "README.md").read_text()
     for text in (
-        f"base_model: {tiny_dense_dir}",
+        f"| base model | {tiny_dense_dir} |",
         "N = 4",
         "k = 2",
         "| routed layers | 1, 2 |",
@@ -100,7 +101,7 @@ def test_main_writes_a_complete_checkpoint(tiny_dense_dir, tmp_path, capsys):
 
 def test_same_seed_is_bit_identical_other_seed_differs(tiny_dense_dir, tmp_path):
     """Two conversions with the same seed write byte-identical safetensors; another seed permutes differently."""
-    args = ("--num-experts", "5", "--top-k", "2")
+    args = ("--num-clusters", "5", "--top-k", "2")
     for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
         assert convert_tiny(tiny_dense_dir, tmp_path / name, *args, "--seed", seed) == 0
     assert sha256(tmp_path / "a" / "model.safetensors") == sha256(tmp_path / "b" / "model.safetensors")
@@ -114,7 +115,7 @@ def test_same_seed_is_bit_identical_other_seed_differs(tiny_dense_dir, tmp_path)
 def test_sequence_classification_head_converts(tiny_dense_dir, tmp_path):
     """--head sequence-classification converts (a score head seeded by --seed) and saves that architecture."""
     out = tmp_path / "cls"
-    assert convert_tiny(tiny_dense_dir, out, "--num-experts", "5", "--top-k", "2", "--head", "sequence-classification",
+    assert convert_tiny(tiny_dense_dir, out, "--num-clusters", "5", "--top-k", "2", "--head", "sequence-classification",
                         "--num-labels", "3") == 0  # fmt: skip
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["architectures"] == ["RoutedLlamaForSequenceClassification"] and len(cfg["id2label"]) == 3
@@ -124,11 +125,19 @@ def test_sequence_classification_head_converts(tiny_dense_dir, tmp_path):
 
 FRESH_SCRIPT = textwrap.dedent(
     """
-    import importlib.util, json, sys
+    import importlib.abc, json, sys
+
+    class BlockRepository(importlib.abc.MetaPathFinder):  # the checkpoint must not need this repository's modules
+        NAMES = {"modeling_routed_llama", "configuration_routed_llama", "convert", "routed_llama", "finetune"}
+
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in self.NAMES:
+                raise ImportError(f"{name} is blocked: the checkpoint's code must not import the repository")
+
+    sys.meta_path.insert(0, BlockRepository())
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    assert importlib.util.find_spec("modeling_routed_llama") is None, "the repository is importable"
     causal_dir, cls_dir = sys.argv[1], sys.argv[2]
     causal = AutoModelForCausalLM.from_pretrained(causal_dir, trust_remote_code=True).eval()
     cls = AutoModelForSequenceClassification.from_pretrained(cls_dir, trust_remote_code=True).eval()
@@ -156,17 +165,13 @@ def clean_env(tmp_path):
 
 
 def test_converted_folder_loads_in_a_fresh_process(tiny_converted_dir, tiny_dense_dir, tmp_path, clean_env):
-    """A converted folder loads with trust_remote_code in a fresh Python process where the repository is not
-    importable, as AutoModelForCausalLM (and generates) and as AutoModelForSequenceClassification; the results equal
-    the repository's classes in this process."""
+    """A converted folder loads with trust_remote_code in a fresh Python process where the repository's modules are
+    blocked (even when pip-installed), as AutoModelForCausalLM (and generates) and as
+    AutoModelForSequenceClassification; the results equal the repository's classes in this process."""
     empty = tmp_path / "empty"
     empty.mkdir()
-    probe_code = "import importlib.util as u; print(u.find_spec('modeling_routed_llama'))"
-    probe = subprocess.run([sys.executable, "-c", probe_code], cwd=empty, env=clean_env, capture_output=True, text=True)
-    if probe.stdout.strip() != "None":
-        pytest.skip(f"modeling_routed_llama is importable outside the repository (pip-installed?): {probe.stdout}")
     cls_dir = tmp_path / "cls"
-    assert convert_tiny(tiny_dense_dir, cls_dir, "--num-experts", "5", "--top-k", "2",
+    assert convert_tiny(tiny_dense_dir, cls_dir, "--num-clusters", "5", "--top-k", "2",
                         "--head", "sequence-classification") == 0  # fmt: skip
     script = tmp_path / "fresh.py"
     script.write_text(FRESH_SCRIPT)
@@ -237,14 +242,14 @@ def bad_sources(tmp_path_factory, tiny_dense_dir):
 BAD_CASES = {  # source, extra arguments, a piece of the expected message
     "gpt2-model": ("gpt2", [], "is a 'gpt2' model; only Llama"),
     "bert-model": ("bert", [], "is a 'bert' model; only Llama"),
-    "k-above-n": ("llama", ["--num-experts", "4", "--top-k", "5"], "--top-k must be in [1, --num-experts=4], got 5"),
-    "k-below-1": ("llama", ["--num-experts", "4", "--top-k", "0"], "--top-k must be in [1, --num-experts=4], got 0"),
+    "k-above-n": ("llama", ["--num-clusters", "4", "--top-k", "5"], "--top-k must be in [1, --num-clusters=4], got 5"),
+    "k-below-1": ("llama", ["--num-clusters", "4", "--top-k", "0"], "--top-k must be in [1, --num-clusters=4], got 0"),
     "n-above-intermediate": (
         "llama",
-        ["--num-experts", "151", "--top-k", "2"],
+        ["--num-clusters", "151", "--top-k", "2"],
         "exceeds the FFN's intermediate_size 150",
     ),
-    "n-below-1": ("llama", ["--num-experts", "0", "--top-k", "1"], "--num-experts must be >= 1"),
+    "n-below-1": ("llama", ["--num-clusters", "0", "--top-k", "1"], "--num-clusters must be >= 1"),
     "layer-out-of-range": ("llama", ["--layers", "1,3"], "layer indices [3] out of range: the model has 3 layers"),
     "layer-range-out-of-range": ("llama", ["--layers", "0-5"], "layer indices [3, 4, 5] out of range"),
     "missing-path": ("missing", [], "no such file or folder"),
@@ -265,7 +270,7 @@ def test_bad_input_is_refused_cleanly(case, bad_sources, tmp_path, capsys):
     source, extra, message = BAD_CASES[case]
     parent = tmp_path / "outputs"
     parent.mkdir()
-    rc, _, err = convert_tiny(bad_sources[source], parent / "routed", "--num-experts", "4", "--top-k", "2", *extra,
+    rc, _, err = convert_tiny(bad_sources[source], parent / "routed", "--num-clusters", "4", "--top-k", "2", *extra,
                               capsys=capsys)  # fmt: skip
     assert_refused(rc, err, parent, [])
     assert message in err[0]
@@ -277,12 +282,12 @@ def test_existing_out_dir_needs_overwrite(tiny_dense_dir, tmp_path, capsys):
     out.mkdir()
     (out / "keep.txt").write_text("precious")
     before = sorted(p.name for p in tmp_path.iterdir())
-    rc, _, err = convert_tiny(tiny_dense_dir, out, "--num-experts", "5", "--top-k", "2", capsys=capsys)
+    rc, _, err = convert_tiny(tiny_dense_dir, out, "--num-clusters", "5", "--top-k", "2", capsys=capsys)
     assert_refused(rc, err, tmp_path, before)
     assert "exists and is not empty; pass --overwrite" in err[0]
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "precious"
 
-    rc, _, _ = convert_tiny(tiny_dense_dir, out, "--num-experts", "5", "--top-k", "2", "--overwrite", capsys=capsys)
+    rc, _, _ = convert_tiny(tiny_dense_dir, out, "--num-clusters", "5", "--top-k", "2", "--overwrite", capsys=capsys)
     assert rc == 0
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["routed"]  # no temporary or old folder left beside it

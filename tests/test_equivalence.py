@@ -15,7 +15,7 @@ from transformers import (
 )
 from transformers.initialization import no_init_weights
 
-import convert
+from convert import ConvertSettings, convert
 from modeling_routed_llama import RoutedLlamaForCausalLM, RoutedLlamaForSequenceClassification, RoutedLlamaMLP
 
 TOL = 1e-5
@@ -96,11 +96,12 @@ def test_forced_mask_and_sparse_paths_with_k_equal_n_match_dense_ffn(router, rou
 
 
 def test_tied_checkpoint_through_converter_files(tmp_path):
-    """convert.convert on a saved tied-embedding Llama, loaded back with num_experts_per_tok = N, keeps the tie and
+    """`convert` on a saved tied-embedding Llama, loaded back with num_experts_per_tok = N, keeps the tie and
     gives the stock logits."""
     dense = LlamaForCausalLM(tiny_llama_config(initializer_range=0.1, tie_word_embeddings=True)).eval()
     dense.save_pretrained(tmp_path / "dense")
-    out = convert.convert(str(tmp_path / "dense"), tmp_path / "routed", num_experts=6, top_k=3, progress=False)
+    settings = ConvertSettings(str(tmp_path / "dense"), tmp_path / "routed", num_clusters=6, top_k=3, progress=False)
+    out = convert(settings)
     routed = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, num_experts_per_tok=6).eval()
     assert routed.lm_head.weight.data_ptr() == routed.model.embed_tokens.weight.data_ptr()
     ids, mask = token_batch(dense.config.vocab_size)

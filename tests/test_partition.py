@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import convert
+from routed_llama import partition
 from configuration_routed_llama import RoutedLlamaConfig
 
 
@@ -18,7 +18,7 @@ def partition_of(labels):
 @pytest.mark.parametrize("n_items, n_clusters", [(10, 4), (150, 4), (150, 7), (1536, 32), (5, 5), (7, 1)])
 def test_balanced_sizes(n_items, n_clusters):
     """Sizes sum to I, differ by at most one, the larger ones come first, and match the config's default split."""
-    sizes = convert.balanced_sizes(n_items, n_clusters)
+    sizes = partition.balanced_sizes(n_items, n_clusters)
     assert len(sizes) == n_clusters and sum(sizes) == n_items
     assert max(sizes) - min(sizes) <= 1
     assert sizes == sorted(sizes, reverse=True)
@@ -29,25 +29,25 @@ def test_balanced_sizes(n_items, n_clusters):
 
 
 def test_balanced_sizes_by_hand():
-    assert convert.balanced_sizes(10, 4) == [3, 3, 2, 2]
-    assert convert.balanced_sizes(150, 7) == [22, 22, 22, 21, 21, 21, 21]
+    assert partition.balanced_sizes(10, 4) == [3, 3, 2, 2]
+    assert partition.balanced_sizes(150, 7) == [22, 22, 22, 21, 21, 21, 21]
 
 
 @pytest.mark.parametrize("n_items, n_clusters", [(120, 4), (150, 7), (103, 10)])
 def test_kmeans_partition_is_exactly_balanced(n_items, n_clusters):
     """Cluster e of the balanced k-means gets exactly balanced_sizes(I, N)[e] rows, also where N does not divide I."""
     keys = np.random.default_rng(0).normal(size=(n_items, 16)).astype(np.float32)
-    labels = convert.kmeans_partition(keys, n_clusters, seed=0)
+    labels = partition.kmeans_partition(keys, n_clusters, seed=0)
     assert labels.shape == (n_items,) and labels.dtype == np.int64
-    assert np.bincount(labels, minlength=n_clusters).tolist() == convert.balanced_sizes(n_items, n_clusters)
+    assert np.bincount(labels, minlength=n_clusters).tolist() == partition.balanced_sizes(n_items, n_clusters)
 
 
 def test_kmeans_partition_seeded():
     """The same seed gives the same labels; other seeds give other partitions on data without a clear structure."""
     keys = np.random.default_rng(1).normal(size=(150, 16)).astype(np.float32)
-    a = convert.kmeans_partition(keys, 5, seed=0)
-    np.testing.assert_array_equal(a, convert.kmeans_partition(keys, 5, seed=0))
-    others = [partition_of(convert.kmeans_partition(keys, 5, seed=s)) for s in (1, 2, 3)]
+    a = partition.kmeans_partition(keys, 5, seed=0)
+    np.testing.assert_array_equal(a, partition.kmeans_partition(keys, 5, seed=0))
+    others = [partition_of(partition.kmeans_partition(keys, 5, seed=s)) for s in (1, 2, 3)]
     assert any(p != partition_of(a) for p in others)
 
 
@@ -67,20 +67,20 @@ def test_kmeans_recovers_planted_clusters():
     """On keys drawn around planted directions k-means finds exactly the planted clusters, with a far higher mean
     intra-cluster cosine than a random partition of the same sizes."""
     keys, true = planted_keys()
-    labels = convert.kmeans_partition(keys, 6, seed=0)
+    labels = partition.kmeans_partition(keys, 6, seed=0)
     assert partition_of(labels) == partition_of(true)
-    cos_km = convert.intra_cluster_cosine(keys, labels, 6)
-    cos_rand = convert.intra_cluster_cosine(keys, convert.random_partition(len(keys), 6, seed=0), 6)
+    cos_km = partition.intra_cluster_cosine(keys, labels, 6)
+    cos_rand = partition.intra_cluster_cosine(keys, partition.random_partition(len(keys), 6, seed=0), 6)
     assert cos_km > 0.9
     assert cos_km > cos_rand + 0.5
 
 
 def test_random_partition_balanced_and_seeded():
     """random_partition has balanced sizes, is reproducible for a seed and differs across seeds."""
-    a = convert.random_partition(103, 10, seed=0)
-    assert np.bincount(a).tolist() == convert.balanced_sizes(103, 10)
-    np.testing.assert_array_equal(a, convert.random_partition(103, 10, seed=0))
-    assert not np.array_equal(a, convert.random_partition(103, 10, seed=1))
+    a = partition.random_partition(103, 10, seed=0)
+    assert np.bincount(a).tolist() == partition.balanced_sizes(103, 10)
+    np.testing.assert_array_equal(a, partition.random_partition(103, 10, seed=0))
+    assert not np.array_equal(a, partition.random_partition(103, 10, seed=1))
 
 
 def test_intra_cluster_cosine_by_hand():
@@ -100,7 +100,7 @@ def test_intra_cluster_cosine_by_hand():
     cluster0 = (0.0 + r + r) / 3  # pairs (a,b): 0, (a,c): 1/sqrt2, (b,c): 1/sqrt2
     cluster1 = -1.0  # opposite directions
     expected = (cluster0 + cluster1) / 2
-    assert convert.intra_cluster_cosine(keys, labels, 3) == pytest.approx(expected, abs=1e-6)
+    assert partition.intra_cluster_cosine(keys, labels, 3) == pytest.approx(expected, abs=1e-6)
 
 
 def test_permutation_from_labels_makes_clusters_contiguous():
@@ -108,14 +108,14 @@ def test_permutation_from_labels_makes_clusters_contiguous():
     original neuron order inside a block; inverse_permutation undoes it exactly."""
     labels = np.random.default_rng(0).integers(0, 7, size=103)
     labels[:7] = np.arange(7)  # no empty cluster
-    perm, offsets = convert.permutation_from_labels(labels, 7)
+    perm, offsets = partition.permutation_from_labels(labels, 7)
     assert sorted(perm.tolist()) == list(range(103))  # a permutation
     assert offsets == [0, *np.cumsum(np.bincount(labels, minlength=7)).tolist()]
     for e in range(7):
         block = perm[offsets[e] : offsets[e + 1]]
         assert (labels[block] == e).all()
         assert (np.diff(block) > 0).all()  # stable inside the cluster
-    inv = convert.inverse_permutation(perm)
+    inv = partition.inverse_permutation(perm)
     np.testing.assert_array_equal(perm[inv], np.arange(103))
     np.testing.assert_array_equal(inv[perm], np.arange(103))
     x = np.random.default_rng(1).normal(size=103)
@@ -124,7 +124,7 @@ def test_permutation_from_labels_makes_clusters_contiguous():
 
 def test_permutation_from_labels_rejects_empty_cluster():
     with pytest.raises(ValueError, match=r"clusters \[2\] are empty"):
-        convert.permutation_from_labels(np.array([0, 1, 3, 3, 0]), 4)
+        partition.permutation_from_labels(np.array([0, 1, 3, 3, 0]), 4)
 
 
 def random_ffn(hidden=24, inter=37, bias=False, seed=0):
@@ -151,9 +151,9 @@ def test_permute_mlp_roundtrip_is_bit_exact(bias):
     """Permuting, then permuting with the inverse, returns the original tensors bit for bit (biases too)."""
     w = random_ffn(bias=bias)
     perm = np.random.default_rng(3).permutation(37)
-    p = convert.permute_mlp(w["gate"], w["up"], w["down"], perm, w.get("gate_bias"), w.get("up_bias"))
+    p = partition.permute_mlp(w["gate"], w["up"], w["down"], perm, w.get("gate_bias"), w.get("up_bias"))
     assert not torch.equal(p["gate"], w["gate"])  # it did move rows
-    back = convert.permute_mlp(p["gate"], p["up"], p["down"], convert.inverse_permutation(perm),
+    back = partition.permute_mlp(p["gate"], p["up"], p["down"], partition.inverse_permutation(perm),
                                p.get("gate_bias"), p.get("up_bias"))  # fmt: skip
     assert set(back) == set(w)
     for key in w:
@@ -169,7 +169,7 @@ def test_permuted_ffn_computes_the_same_function(bias):
     w = random_ffn(bias=bias)
     down_bias = torch.randn(24) if bias else None
     perm = np.random.default_rng(4).permutation(37)
-    p = convert.permute_mlp(w["gate"], w["up"], w["down"], perm, w.get("gate_bias"), w.get("up_bias"))
+    p = partition.permute_mlp(w["gate"], w["up"], w["down"], perm, w.get("gate_bias"), w.get("up_bias"))
     x = torch.randn(9, 24)
     ref, out = swiglu(w, x, down_bias), swiglu(p, x, down_bias)
     assert (out - ref).abs().max().item() <= 1e-5

@@ -1,0 +1,47 @@
+"""One hardware probe for every provenance record."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+
+def cpu_name() -> str:
+    """The CPU model name from /proc/cpuinfo, else what `platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def hardware_name(device: str | None = None) -> str:
+    """"<GPU name> x<count>" when CUDA is used (`device` None means: if available), else "CPU <name>, <n> cores"."""
+    import torch
+
+    use_cuda = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
+    if use_cuda:
+        return f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
+    return f"CPU {cpu_name()}, {os.cpu_count()} cores"
+
+
+def hardware(device: str = "cpu") -> dict:
+    """Where a measurement ran: device, GPU and CPU names, core and thread counts, platform and library versions."""
+    import torch
+    import transformers
+
+    return {
+        "name": hardware_name(device),
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(torch.device(device)) if str(device).startswith("cuda") else None,
+        "cpu": cpu_name(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
