@@ -1,5 +1,6 @@
 """finetune/stats.py against values worked out by hand (no model, no data)."""
 
+import itertools
 import math
 
 import numpy as np
@@ -51,6 +52,7 @@ def test_paired_ci_other_confidence_and_edge_cases():
     half = t.ppf(0.95, 2) * d.std(ddof=1) / math.sqrt(3)
     assert (lo, hi) == pytest.approx((d.mean() - half, d.mean() + half))
     assert stats.paired_ci([3.0], [1.0]) == (2.0, (None, None))  # one seed: no interval
+    assert stats.paired_ci([3.0, 4.0], [1.0, 2.0]) == (2.0, (2.0, 2.0))  # no spread: a zero-width interval, not NaN
     with pytest.raises(ValueError):
         stats.paired_ci([1.0, 2.0, 3.0], [1.0, 2.0])
 
@@ -84,6 +86,63 @@ def test_mcnemar_more_cases():
     assert stats.mcnemar(*_pairs(50, 1, 9, 30))["p"] == pytest.approx(0.021484375)
     with pytest.raises(ValueError):
         stats.mcnemar([1, 0, 1], [1, 0])
+
+
+D5 = [1.0, 2.0, -1.0, 3.0, 1.0]  # per-seed differences of the five-seed example above
+
+
+def test_paired_t_by_hand():
+    r = stats.paired_t([70.0, 72.0, 68.0, 75.0, 71.0], [69.0, 70.0, 69.0, 72.0, 70.0])
+    t_hand = 1.2 / (math.sqrt(8.8 / 4) / math.sqrt(5))  # mean / (s / sqrt(n)) = 1.80907
+    assert r["t"] == pytest.approx(t_hand) and r["df"] == 4 and r["n_seeds"] == 5
+    # two-sided p = P(|T_4| > t) = I_x(2, 1/2) with x = 4 / (4 + t^2); for these parameters the regularised
+    # incomplete beta is 1 - (1 - x)^(1/2) (1 + x / 2)
+    x = 4 / (4 + t_hand**2)
+    assert r["p"] == pytest.approx(1 - math.sqrt(1 - x) * (1 + x / 2), rel=1e-9)
+    assert r["reason"] is None
+
+
+def test_paired_t_on_the_committed_all_layers_arm():
+    """The RTE lr 5e-4 all-30-layers arm: pooled McNemar said p = 1.5e-10; a paired t over 5 seeds says ~0.002."""
+    delta = [-14.8, -11.9, -13.0, -7.9, -6.5]
+    r = stats.paired_t(delta, [0.0] * 5)
+    assert 0.001 < r["p"] < 0.003
+
+
+def test_paired_t_undefined_cases_say_why():
+    one = stats.paired_t([1.0], [0.0])
+    assert one["p"] is None and one["t"] is None and one["reason"] == "fewer than two seeds"
+    flat = stats.paired_t([2.0, 3.0, 4.0], [1.0, 2.0, 3.0])  # every seed +1: no spread, t undefined
+    assert flat["p"] is None and "same difference" in flat["reason"]
+    with pytest.raises(ValueError):
+        stats.paired_t([1.0, 2.0], [1.0])
+
+
+def test_sign_flip_exact_by_enumeration():
+    observed = abs(np.mean(D5))
+    flips = [abs(np.mean([s * d for s, d in zip(signs, D5)])) for signs in itertools.product([1, -1], repeat=5)]
+    p_hand = sum(f >= observed - 1e-12 for f in flips) / 2**5
+    assert p_hand == 8 / 32
+    r = stats.sign_flip(np.array(D5) + 60.0, [60.0] * 5)
+    assert r["p"] == pytest.approx(p_hand) and r["min_p"] == 2 / 32 and r["reason"] is None
+
+
+def test_sign_flip_floor_and_undefined_cases():
+    r = stats.sign_flip([-14.8, -11.9, -13.0, -7.9, -6.5], [0.0] * 5)  # every seed the same sign
+    assert r["p"] == pytest.approx(2 / 32) == r["min_p"]  # five seeds cannot give p below 0.0625
+    assert stats.sign_flip([1.0], [0.0])["p"] is None
+    zero = stats.sign_flip([1.0, 2.0], [1.0, 2.0])
+    assert zero["p"] is None and "0" in zero["reason"]
+
+
+def test_mcnemar_per_seed_is_not_pooled():
+    t0, b0 = _pairs(5, 1, 9, 3)  # seed 0: b=1, c=9
+    t1, b1 = _pairs(5, 4, 4, 3)  # seed 1: b=4, c=4
+    per_seed = stats.mcnemar_per_seed([t0, t1], [b0, b1])
+    assert [(m["b"], m["c"]) for m in per_seed] == [(1, 9), (4, 4)]
+    assert per_seed[0]["p"] == pytest.approx(0.021484375) and per_seed[1]["p"] == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        stats.mcnemar_per_seed([t0], [b0, b1])
 
 
 def test_epochs_to_reach():
