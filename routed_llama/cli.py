@@ -119,11 +119,19 @@ def parse_settings(cls, argv: list[str] | None = None, prog: str | None = None, 
 
 def run_cli(fn: Callable, cls, argv: list[str] | None = None, prog: str | None = None,
             description: str | None = None) -> int:  # fmt: skip
-    """Parse `argv` into `cls`, call `fn(settings)` and return its exit status (0 for None). A `UserError` from
-    parsing or from `fn` becomes one line `prog: error: ...` and status 2; other exceptions propagate."""
+    """Parse `argv` into `cls`, call `fn(settings)` and return its exit status (0 for None). A bad flag, or a
+    `UserError` from validation or from `fn`, becomes one line `prog: error: ...` and status 2 (`--help`: 0); other
+    exceptions propagate with their traceback."""
     prog = prog or cls.__name__
     try:
-        rc = fn(parse_settings(cls, argv, prog, description))
+        settings = parse_settings(cls, argv, prog, description)
+    except SystemExit as exc:  # argparse has printed --help, or a bad flag in one line
+        return exc.code if isinstance(exc.code, int) else 2
+    except UserError as exc:
+        print(f"{prog}: error: {first_line(exc)}", file=sys.stderr)
+        return 2
+    try:
+        rc = fn(settings)
     except UserError as exc:
         print(f"{prog}: error: {first_line(exc)}", file=sys.stderr)
         return 2

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -10,13 +11,14 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, STANDIN_K, STANDIN_N, TINY_K
-from safetensors.torch import load_file
-from transformers import AutoTokenizer
+from conftest import ROOT, STANDIN_K, STANDIN_N, TINY_K, tiny_llama_config
+from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer, LlamaForSequenceClassification
 
 import convert
 import modeling_routed_llama as mrl
 from convert import ConvertSettings
+from routed_llama.errors import UserError
 
 
 def convert_tiny(src, out, *extra, capsys=None):
@@ -112,11 +114,14 @@ def test_same_seed_is_bit_identical_other_seed_differs(tiny_dense_dir, tmp_path)
     assert all(".mlp." in k for k in differ)  # only the FFNs and routers depend on the seed
 
 
-def test_sequence_classification_head_converts(tiny_dense_dir, tmp_path):
-    """--head sequence-classification converts (a score head seeded by --seed) and saves that architecture."""
+def test_sequence_classification_head_converts(tiny_dense_dir, tmp_path, capsys):
+    """--head sequence-classification from a causal-LM checkpoint converts (a score head seeded by --seed), says so
+    in one stderr line, and saves that architecture."""
     out = tmp_path / "cls"
-    assert convert_tiny(tiny_dense_dir, out, "--num-clusters", "5", "--top-k", "2", "--head", "sequence-classification",
-                        "--num-labels", "3") == 0  # fmt: skip
+    rc, _, err = convert_tiny(tiny_dense_dir, out, "--num-clusters", "5", "--top-k", "2", "--head",
+                              "sequence-classification", "--num-labels", "3", capsys=capsys)  # fmt: skip
+    assert rc == 0
+    assert err == ["note: new 3-label score head initialised from --seed 0 (the source has none)"]
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["architectures"] == ["RoutedLlamaForSequenceClassification"] and len(cfg["id2label"]) == 3
     weights = load_file(out / "model.safetensors")
@@ -235,8 +240,40 @@ def bad_sources(tmp_path_factory, tiny_dense_dir):
     BertModel(BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64,
                          vocab_size=64)).save_pretrained(root / "bert")  # fmt: skip
     (root / "x.gguf").write_bytes(os.urandom(4096))
-    return {"gpt2": root / "gpt2", "bert": root / "bert", "gguf": root / "x.gguf", "missing": root / "no-such-model",
-            "llama": tiny_dense_dir}  # fmt: skip
+    sources = {"gpt2": root / "gpt2", "bert": root / "bert", "gguf": root / "x.gguf", "missing": root / "no-such-model",
+               "llama": tiny_dense_dir}  # fmt: skip
+    for name, make in WEIGHT_FAULTS.items():
+        sources[name] = root / name
+        shutil.copytree(tiny_dense_dir, sources[name])
+        make(sources[name])
+    LlamaForSequenceClassification(tiny_llama_config(num_labels=3)).save_pretrained(root / "cls3")
+    sources["cls3"] = root / "cls3"
+    return sources
+
+
+def _edit_weights(folder, edit):
+    path = folder / "model.safetensors"
+    weights = load_file(path)
+    edit(weights)
+    save_file(weights, path, metadata={"format": "pt"})
+
+
+def _truncate(folder, keep):
+    path = folder / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: keep(len(data))])
+
+
+WEIGHT_FAULTS = {  # a copy of the tiny dense checkpoint, damaged in one way
+    "weight-missing": lambda f: _edit_weights(f, lambda w: w.pop("model.layers.1.mlp.up_proj.weight")),
+    "weight-unexpected": lambda f: _edit_weights(f, lambda w: w.update({"model.extra.weight": torch.zeros(3)})),
+    "weight-shape": lambda f: _edit_weights(f, lambda w: w.update({"model.layers.1.mlp.up_proj.weight":
+                                                                   torch.zeros(10, 64)})),  # fmt: skip
+    "weights-truncated": lambda f: _truncate(f, lambda n: n // 2),
+    "weights-header-cut": lambda f: _truncate(f, lambda n: 20),
+    "weights-absent": lambda f: (f / "model.safetensors").unlink(),
+    "config-not-json": lambda f: (f / "config.json").write_text("{not json"),
+}
 
 
 BAD_CASES = {  # source, extra arguments, a piece of the expected message
@@ -254,11 +291,22 @@ BAD_CASES = {  # source, extra arguments, a piece of the expected message
     "layer-range-out-of-range": ("llama", ["--layers", "0-5"], "layer indices [3, 4, 5] out of range"),
     "missing-path": ("missing", [], "no such file or folder"),
     "corrupt-gguf": ("gguf", [], "cannot read the model config of"),
+    "weight-missing": ("weight-missing", [], "is missing weights: model.layers.1.mlp.up_proj.weight"),
+    "weight-unexpected": ("weight-unexpected", [], "has unexpected weights: model.extra.weight"),
+    "weight-shape": ("weight-shape", [], "weight model.layers.1.mlp.up_proj.weight has shape [10, 64]"),
+    "weights-truncated": ("weights-truncated", [], "cannot load the weights of"),
+    "weights-header-cut": ("weights-header-cut", [], "cannot load the weights of"),
+    "weights-absent": ("weights-absent", [], "cannot load the weights of"),
+    "config-not-json": ("config-not-json", [], "cannot read the model config of"),
+    "label-count": ("cls3", ["--head", "sequence-classification"], "a classification head with 3 labels"),
+    "classifier-as-causal-lm": ("cls3", [], "is a sequence-classification checkpoint (no lm_head)"),
+    "layers-syntax": ("llama", ["--layers", "1-"], "--layers must be 'all', 'A-B' or 'A,B,C'"),
+    "method-choice": ("llama", ["--method", "spectral"], "argument --method: invalid choice"),
 }
 
 
 def assert_refused(rc, err_lines, parent, before):
-    assert rc != 0
+    assert rc == 2
     assert len(err_lines) == 1, err_lines
     assert err_lines[0].startswith("convert.py: error: ") and "Traceback" not in err_lines[0]
     assert sorted(p.name for p in parent.iterdir()) == before  # nothing written, no temporary folder left
@@ -304,3 +352,94 @@ def test_cli_subprocess_prints_one_line_and_no_traceback(bad_sources, tmp_path, 
     assert "Traceback" not in proc.stderr
     assert_refused(proc.returncode, err, parent, [])
     assert "cannot read the model config of" in err[0] and proc.stdout == ""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Issue 12: flags as written in the README, already-routed inputs, undefined statistics, interrupted earlier runs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_negative_layer_range_parses_as_written(tiny_dense_dir, tmp_path, capsys):
+    """`--layers -2--1` (a value starting with '-') parses without '=' and routes the last two layers."""
+    assert convert.parse_args(["m", "o", "--layers", "-8--1"]).layers == "-8--1"
+    assert convert.parse_args(["m", "o", "--layers", "-3"]).layers == "-3"
+    rc, stdout, _ = convert_tiny(tiny_dense_dir, tmp_path / "r", "--num-clusters", "5", "--top-k", "2",
+                                 "--layers", "-2--1", capsys=capsys)  # fmt: skip
+    assert rc == 0 and "layers=1, 2 " in stdout[0]
+
+
+def test_settings_built_in_python_are_checked_by_field():
+    """A wrong type or choice passed to ConvertSettings in Python raises UserError naming the flag."""
+    with pytest.raises(UserError, match="--top-k must be of type int, got '3'"):
+        ConvertSettings("m", "o", top_k="3")
+    with pytest.raises(UserError, match=r"--method must be one of \['kmeans', 'random'\]"):
+        ConvertSettings("m", "o", method="spectral")
+    assert ConvertSettings("m", "o").num_clusters == 32 and ConvertSettings("m", "o").top_k == 16
+
+
+def test_routed_input_is_refused_before_any_code_loads(tiny_converted_dir, tmp_path, capsys, monkeypatch):
+    """An already-routed folder is recognised from config.json's model_type: no trust prompt, no remote code."""
+    def no_prompt(*_):
+        raise AssertionError("asked the user")
+
+    monkeypatch.setattr("builtins.input", no_prompt)
+    before = {m for m in sys.modules if m.startswith("transformers_modules")}
+    rc, _, err = convert_tiny(tiny_converted_dir, tmp_path / "again", capsys=capsys)
+    assert_refused(rc, err, tmp_path, [])
+    assert "is already a routed checkpoint (model_type 'routed_llama')" in err[0]
+    assert {m for m in sys.modules if m.startswith("transformers_modules")} == before
+
+
+def test_one_neuron_per_cluster_writes_strict_json(tiny_dense_dir, tmp_path, capsys):
+    """N = intermediate_size: the intra-cluster cosine is undefined; conversion.json holds null with the reason
+    (strict JSON, no NaN) and the card and summary say 'undefined'."""
+    out = tmp_path / "r"
+    rc, stdout, _ = convert_tiny(tiny_dense_dir, out, "--num-clusters", "150", "--top-k", "150", "--layers", "0",
+                                 "--method", "random", capsys=capsys)  # fmt: skip
+    assert rc == 0 and "undefined" in stdout[0]
+
+    def no_constant(name):
+        raise ValueError(f"not strict JSON: {name}")
+
+    conv = json.loads((out / "conversion.json").read_text(), parse_constant=no_constant)
+    assert conv["mean_intra_cosine"] is None and conv["layers"]["0"]["intra_cosine"] is None
+    assert "single neuron" in conv["layers"]["0"]["note"]
+    assert "undefined (every cluster holds a single neuron)" in (out / "README.md").read_text()
+
+
+def dead_pid():
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(proc.stdout)
+
+
+def test_interrupted_replace_is_restored_at_next_start(tiny_dense_dir, tmp_path, capsys):
+    """A kill between the two renames of --overwrite leaves OUT_DIR missing and the old copy in `.OUT.old-PID`:
+    the next run puts it back (and then refuses to replace it without --overwrite); a dead writer's temporary
+    folder is removed."""
+    pid = dead_pid()
+    old, tmp = tmp_path / f".routed.old-{pid}", tmp_path / f".routed.tmp-{pid}-x1"
+    old.mkdir()
+    (old / "keep.txt").write_text("precious")
+    tmp.mkdir()
+    (tmp / "model.safetensors").write_bytes(b"half")
+    rc, _, err = convert_tiny(tiny_dense_dir, tmp_path / "routed", "--num-clusters", "5", "--top-k", "2",
+                              capsys=capsys)  # fmt: skip
+    assert rc == 2 and err[-1].endswith("exists and is not empty; pass --overwrite to replace it")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["routed"]
+    assert (tmp_path / "routed" / "keep.txt").read_text() == "precious"
+
+
+def test_stale_leftovers_beside_a_complete_checkpoint_are_removed(tiny_dense_dir, tmp_path, capsys):
+    """A kill after the second rename leaves the new OUT_DIR complete and the old copy beside it: the next run
+    removes the old copy (and a dead writer's temporary folder) and keeps OUT_DIR; a live writer's is kept."""
+    out = tmp_path / "routed"
+    assert convert_tiny(tiny_dense_dir, out, "--num-clusters", "5", "--top-k", "2") == 0
+    pid = dead_pid()
+    (tmp_path / f".routed.old-{pid}").mkdir()
+    (tmp_path / f".routed.tmp-{pid}-x2").mkdir()
+    live = tmp_path / f".routed.tmp-{os.getppid()}-x3"  # pytest's parent process is alive
+    live.mkdir()
+    rc, _, _ = convert_tiny(tiny_dense_dir, out, "--num-clusters", "5", "--top-k", "2", capsys=capsys)
+    assert rc == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["routed", live.name])
+    assert (out / "model.safetensors").is_file()
