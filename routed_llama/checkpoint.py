@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import shutil
 from pathlib import Path
@@ -177,6 +178,18 @@ def upload(folder: Path, repo_id: str) -> str:
         api.create_repo(repo_id, repo_type="model", exist_ok=True)
         info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
                                  commit_message="Upload routed-llama checkpoint")  # fmt: skip
-    except OSError as exc:  # huggingface_hub's HTTP errors are OSErrors, as are connection failures
+    except _network_errors() as exc:
         raise UserError(f"uploading {folder} to {repo_id} failed (the local checkpoint is complete): {first_line(exc)}")
     return str(getattr(info, "commit_url", info))
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """What a Hub call raises for a refused request or a failed connection: OSError (HfHubHTTPError is one) and
+    the HTTP client's own error base class."""
+    errors: list[type[BaseException]] = [OSError]
+    for module in ("httpx2", "httpx"):  # huggingface_hub's HTTP client, whichever this version uses
+        try:
+            errors.append(importlib.import_module(module).HTTPError)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
