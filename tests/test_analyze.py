@@ -1,4 +1,4 @@
-"""finetune/analyze.py: the statistics on hand-made routings, the recording hooks, the command line.
+"""finetune/analysis: the statistics on hand-made routings, the recording hooks, the command line.
 
 Everything runs on tiny random models (a 3-layer Llama converted in the test) and a small GLUE-format folder written
 here, so nothing is skipped without the shared data; one test also reads the real GLUE copy when it is there.
@@ -15,7 +15,9 @@ import pytest
 import torch
 from torch import nn
 
-from finetune import analyze as A
+from finetune.analysis import FORMAT_VERSION, AnalysisError, AnalyzeSettings, analyze, cli
+from finetune.analysis import record as R
+from finetune.analysis import statistics as S
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,13 +31,13 @@ SEL = np.array([[0, 1], [0, 2], [1, 0], [3, 0]])
 
 
 def test_load_entropy_busiest_by_hand():
-    np.testing.assert_array_equal(A.selection_counts(SEL, 4), [4, 2, 1, 1])
-    np.testing.assert_allclose(A.cluster_load(SEL, 4), [0.5, 0.25, 0.125, 0.125])
+    np.testing.assert_array_equal(S.selection_counts(SEL, 4), [4, 2, 1, 1])
+    np.testing.assert_allclose(S.cluster_load(SEL, 4), [0.5, 0.25, 0.125, 0.125])
     # H = 0.5*1 + 0.25*2 + 2 * 0.125*3 bits = 1.75 bits; log2 4 = 2 bits
-    assert A.normalised_entropy(A.cluster_load(SEL, 4)) == pytest.approx(0.875, abs=1e-12)
-    assert A.busiest_share(SEL, 4) == (0, 1.0)
-    assert A.busiest_share(np.array([[1, 2], [2, 3], [0, 1]]), 4) == (1, pytest.approx(2 / 3))  # tie 1/2: lowest id
-    s = A.layer_summary(SEL, 4)
+    assert S.normalised_entropy(S.cluster_load(SEL, 4)) == pytest.approx(0.875, abs=1e-12)
+    assert S.busiest_share(SEL, 4) == (0, 1.0)
+    assert S.busiest_share(np.array([[1, 2], [2, 3], [0, 1]]), 4) == (1, pytest.approx(2 / 3))  # tie 1/2: lowest id
+    s = S.layer_summary(SEL, 4)
     assert s["token_share"] == pytest.approx([1.0, 0.5, 0.25, 0.25])
     assert s["entropy_floor"] == pytest.approx(0.5)  # log 2 / log 4
     assert (s["busiest_cluster"], s["least_used_cluster"], s["unused_clusters"]) == (0, 2, 0)
@@ -44,15 +46,15 @@ def test_load_entropy_busiest_by_hand():
 
 
 def test_entropy_extremes():
-    assert A.normalised_entropy(np.full(8, 1 / 8)) == pytest.approx(1.0)
+    assert S.normalised_entropy(np.full(8, 1 / 8)) == pytest.approx(1.0)
     always_same = np.tile([3, 5], (10, 1))  # every token keeps clusters 3 and 5 of 8: the floor log 2 / log 8
-    assert A.normalised_entropy(A.cluster_load(always_same, 8)) == pytest.approx(1 / 3)
+    assert S.normalised_entropy(S.cluster_load(always_same, 8)) == pytest.approx(1 / 3)
     with pytest.raises(ValueError):
-        A.normalised_entropy([0.5, 0.6])
+        S.normalised_entropy([0.5, 0.6])
 
 
 def test_coselection_by_hand():
-    c = A.coselection_counts(SEL, 4)
+    c = S.coselection_counts(SEL, 4)
     expected = np.array(
         [
             [4, 2, 1, 1],
@@ -62,51 +64,51 @@ def test_coselection_by_hand():
         ]
     )
     np.testing.assert_array_equal(c, expected)
-    lift = A.coselection_lift(c, 4)
+    lift = S.coselection_lift(c, 4)
     # P(0 and 1) = 2/4, P(0) = 1, P(1) = 1/2 -> lift 1; P(1 and 2) = 0 -> lift 0
     assert lift[0, 1] == pytest.approx(1.0) and lift[1, 2] == 0.0 and lift[2, 2] == pytest.approx(4.0)
-    never = A.coselection_lift(A.coselection_counts(np.array([[0, 1]]), 3), 1)
+    never = S.coselection_lift(S.coselection_counts(np.array([[0, 1]]), 3), 1)
     assert np.isnan(never[2, 2]) and np.isnan(never[0, 2])
 
 
 def test_coselection_correlation_is_the_phi_of_the_keep_indicators():
     sel = np.array([[0, 1], [0, 2], [1, 2], [1, 3]])
-    corr = A.coselection_correlation(A.coselection_counts(sel, 4), 4)
+    corr = S.coselection_correlation(S.coselection_counts(sel, 4), 4)
     # P(0) = .5, P(1) = .75, P(0 and 1) = .25: (.25 - .375) / sqrt(.25 * .1875)
     assert corr[0, 1] == pytest.approx(-0.125 / math.sqrt(0.25 * 0.1875))
     onehot = np.zeros((4, 4))
     np.put_along_axis(onehot, sel, 1, axis=1)
     np.testing.assert_allclose(corr, np.corrcoef(onehot.T), atol=1e-12)
-    assert np.isnan(A.coselection_correlation(A.coselection_counts(SEL, 4), 4)[0, 1])  # cluster 0: every token
+    assert np.isnan(S.coselection_correlation(S.coselection_counts(SEL, 4), 4)[0, 1])  # cluster 0: every token
 
 
 def test_selection_checks():
     with pytest.raises(ValueError, match="twice"):
-        A.cluster_load(np.array([[1, 1]]), 4)
+        S.cluster_load(np.array([[1, 1]]), 4)
     with pytest.raises(ValueError, match="in \\[0, 4\\)"):
-        A.cluster_load(np.array([[0, 4]]), 4)
+        S.cluster_load(np.array([[0, 4]]), 4)
     with pytest.raises(ValueError):
-        A.cluster_load(np.array([0, 1]), 4)  # not (tokens, k)
+        S.cluster_load(np.array([0, 1]), 4)  # not (tokens, k)
 
 
 def test_example_and_group_counts_by_hand():
-    ex = A.example_counts(SEL, [0, 0, 1, 1], 3, 4)  # example 2 has no token
+    ex = S.example_counts(SEL, [0, 0, 1, 1], 3, 4)  # example 2 has no token
     np.testing.assert_array_equal(ex, [[2, 1, 1, 0], [2, 1, 0, 1], [0, 0, 0, 0]])
-    g = A.group_counts(ex[:, None, :], [1, 0, 1], 2)  # (G, L=1, N)
+    g = S.group_counts(ex[:, None, :], [1, 0, 1], 2)  # (G, L=1, N)
     np.testing.assert_array_equal(g[:, 0], [[2, 1, 0, 1], [2, 1, 1, 0]])
 
 
 def test_usage_distance_by_hand():
     g = np.array([[2, 2, 0, 0], [0, 1, 1, 2]])  # loads (.5,.5,0,0) and (0,.25,.25,.5)
-    assert A.usage_distance(g, "tv")[0] == pytest.approx(0.75)
+    assert S.usage_distance(g, "tv")[0] == pytest.approx(0.75)
     # expected counts: rows total 4 and 4, columns 2, 3, 1, 2 of 8 -> (1, 1.5, .5, 1) in both rows
-    assert A.usage_distance(g, "chi2")[0] == pytest.approx(2 * (1 + 0.25 / 1.5 + 0.25 / 0.5) + 1 + 1)
+    assert S.usage_distance(g, "chi2")[0] == pytest.approx(2 * (1 + 0.25 / 1.5 + 0.25 / 0.5) + 1 + 1)
     from scipy.stats import chi2_contingency
 
-    assert A.usage_distance(g, "chi2")[0] == pytest.approx(chi2_contingency(g, correction=False)[0])
+    assert S.usage_distance(g, "chi2")[0] == pytest.approx(chi2_contingency(g, correction=False)[0])
     three = np.array([[1, 0], [0, 1], [1, 1]])  # TVs: (a,b) 1, (a,c) .5, (b,c) .5 -> mean 2/3
-    assert A.usage_distance(three, "tv")[0] == pytest.approx(2 / 3)
-    assert A.usage_distance(np.stack([g, g[::-1]], axis=1), "tv") == pytest.approx([0.75, 0.75])  # per layer
+    assert S.usage_distance(three, "tv")[0] == pytest.approx(2 / 3)
+    assert S.usage_distance(np.stack([g, g[::-1]], axis=1), "tv") == pytest.approx([0.75, 0.75])  # per layer
 
 
 def _counts_from_clusters(cluster_sets, n_experts, n_layers=2, tokens=3):
@@ -120,7 +122,7 @@ def _counts_from_clusters(cluster_sets, n_experts, n_layers=2, tokens=3):
 def test_permutation_disjoint_groups_give_smallest_p():
     counts = _counts_from_clusters([(0, 1)] * 20 + [(2, 3)] * 20, 4)
     groups = np.repeat([0, 1], 20)
-    res = A.permutation_test(counts, groups, n_permutations=199, seed=0)
+    res = S.permutation_test(counts, groups, n_permutations=199, seed=0)
     assert res.observed == pytest.approx(2.0)  # TV 1 in each of the two layers
     assert res.observed_per_layer == pytest.approx([1.0, 1.0])
     assert res.p_value == 1 / 200
@@ -132,7 +134,7 @@ def test_permutation_disjoint_groups_give_smallest_p():
 
 def test_permutation_identical_groups_give_p_one():
     counts = _counts_from_clusters([(0, 2)] * 30, 4)
-    res = A.permutation_test(counts, np.repeat([0, 1, 2], 10), n_permutations=99, seed=1)
+    res = S.permutation_test(counts, np.repeat([0, 1, 2], 10), n_permutations=99, seed=1)
     assert res.observed == 0.0 and res.p_value == 1.0
 
 
@@ -140,11 +142,11 @@ def test_permutation_random_groups_are_not_significant_and_seeded():
     rng = np.random.default_rng(0)
     counts = rng.poisson(3.0, size=(60, 3, 8)).astype(float)
     groups = rng.integers(0, 2, 60)
-    a = A.permutation_test(counts, groups, n_permutations=300, seed=5)
-    b = A.permutation_test(counts, groups, n_permutations=300, seed=5)
+    a = S.permutation_test(counts, groups, n_permutations=300, seed=5)
+    b = S.permutation_test(counts, groups, n_permutations=300, seed=5)
     assert a.p_value == b.p_value and np.array_equal(a.null, b.null)
     assert a.p_value > 0.05
-    chi = A.permutation_test(counts, groups, n_permutations=300, seed=5, statistic="chi2")
+    chi = S.permutation_test(counts, groups, n_permutations=300, seed=5, statistic="chi2")
     assert chi.statistic == "chi2" and chi.p_value > 0.05
 
 
@@ -153,8 +155,8 @@ def test_permutation_strata_separate_label_from_task():
     tasks = np.repeat([0, 1], 20)
     labels = np.array([0] * 16 + [1] * 4 + [0] * 4 + [1] * 16)
     counts = _counts_from_clusters([(0, 1)] * 20 + [(2, 3)] * 20, 4)
-    naive = A.permutation_test(counts, labels, n_permutations=199, seed=0)
-    within = A.permutation_test(counts, labels, n_permutations=199, seed=0, strata=tasks)
+    naive = S.permutation_test(counts, labels, n_permutations=199, seed=0)
+    within = S.permutation_test(counts, labels, n_permutations=199, seed=0, strata=tasks)
     assert naive.p_value == 1 / 200
     assert within.observed == 0.0 and within.p_value == 1.0
     assert within.tested_strata == [0, 1]
@@ -162,34 +164,34 @@ def test_permutation_strata_separate_label_from_task():
     # does not), so no within-task regrouping can ever show a difference; a shuffle across tasks would
     counts = _counts_from_clusters([(0, 1), (2, 3)] * 10 + [(0, 1)] * 20, 4)
     labels = np.array([0] * 20 + [0, 1] * 10)
-    res = A.permutation_test(counts, labels, n_permutations=99, seed=0, strata=tasks)
+    res = S.permutation_test(counts, labels, n_permutations=99, seed=0, strata=tasks)
     assert res.tested_strata == [1] and res.observed == 0.0
     assert (res.null == 0).all() and res.p_value == 1.0
 
 
 def test_permutation_needs_two_groups():
     with pytest.raises(ValueError, match="two groups"):
-        A.permutation_test(np.ones((4, 1, 3)), np.zeros(4, dtype=int))
+        S.permutation_test(np.ones((4, 1, 3)), np.zeros(4, dtype=int))
 
 
 def test_paired_change_by_hand():
     base = _counts_from_clusters([(0, 1)] * 20, 4, n_layers=1, tokens=1)
-    same = A.paired_change_test(base, base, n_permutations=99)
+    same = S.paired_change_test(base, base, n_permutations=99)
     assert same["tv"] == 0.0 and same["p_value"] == 1.0
     moved = base.copy()
     moved[:5, 0] = 0
     moved[:5, 0, [0, 2]] = 1  # 5 of 20 tokens swap cluster 1 for cluster 2: loads (.5,.5,0,0) -> (.5,.375,.125,0)
-    ch = A.paired_change_test(base, moved, n_permutations=3999, seed=0)
+    ch = S.paired_change_test(base, moved, n_permutations=3999, seed=0)
     np.testing.assert_allclose(ch["delta_load"][0], [0, -0.125, 0.125, 0])
     assert ch["tv"] == pytest.approx(0.125)
     # only the 5 changed examples matter: a sign flip reaches the observed TV iff all 5 signs agree, p = 2 / 2**5
     assert ch["p_value"] == pytest.approx(1 / 16, abs=0.01)
     all_moved = _counts_from_clusters([(2, 3)] * 20, 4, n_layers=1, tokens=1)
-    assert A.paired_change_test(base, all_moved, n_permutations=199)["p_value"] == 1 / 200
+    assert S.paired_change_test(base, all_moved, n_permutations=199)["p_value"] == 1 / 200
     with pytest.raises(ValueError, match="same tokens"):
-        A.paired_change_test(base, base * 2)
-    assert A.kept_overlap(SEL, SEL[:, ::-1], 4) == 1.0
-    assert A.kept_overlap(SEL, np.array([[0, 3], [0, 2], [2, 3], [1, 2]]), 4) == pytest.approx((1 + 2 + 0 + 0) / 8)
+        S.paired_change_test(base, base * 2)
+    assert S.kept_overlap(SEL, SEL[:, ::-1], 4) == 1.0
+    assert S.kept_overlap(SEL, np.array([[0, 3], [0, 2], [2, 3], [1, 2]]), 4) == pytest.approx((1 + 2 + 0 + 0) / 8)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -244,7 +246,7 @@ def test_recorder_on_synthetic_router():
         ]
     )
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
-    with A.RoutingRecorder(model) as rec:
+    with R.RoutingRecorder(model) as rec:
         assert model.config.routing_impl == "mask"
         rec.set_attention_mask(mask)
         y = model(x)
@@ -255,17 +257,17 @@ def test_recorder_on_synthetic_router():
     sel = rec.result()[2]
     assert list(rec.result()) == [2]
     np.testing.assert_array_equal(np.sort(sel, axis=1), [[0, 1], [1, 2], [0, 3], [2, 3], [0, 3]])
-    np.testing.assert_allclose(A.cluster_load(sel, 4), [3 / 10, 2 / 10, 2 / 10, 3 / 10])
-    assert A.busiest_share(sel, 4) == (0, 0.6)
-    np.testing.assert_array_equal(A.coselection_counts(sel, 4)[0], [3, 1, 0, 2])
+    np.testing.assert_allclose(S.cluster_load(sel, 4), [3 / 10, 2 / 10, 2 / 10, 3 / 10])
+    assert S.busiest_share(sel, 4) == (0, 0.6)
+    np.testing.assert_array_equal(S.coselection_counts(sel, 4)[0], [3, 1, 0, 2])
     # a forward without set_attention_mask calls the router once more: check_batch notices a double call
-    with A.RoutingRecorder(model) as rec:
+    with R.RoutingRecorder(model) as rec:
         rec.set_attention_mask(mask)
         model(x)
         model(x)
         with pytest.raises(RuntimeError, match="called"):
             rec.check_batch()
-    with A.RoutingRecorder(model) as rec:
+    with R.RoutingRecorder(model) as rec:
         rec.set_attention_mask(torch.ones(1, 2))  # wrong size for 6 tokens
         with pytest.raises(RuntimeError, match="attention mask"):
             model(x)
@@ -273,8 +275,8 @@ def test_recorder_on_synthetic_router():
 
 
 def test_recorder_refuses_a_model_without_routers():
-    with pytest.raises(A.AnalysisError, match="no RoutedLlamaRouter"):
-        A.RoutingRecorder(nn.Linear(2, 2))
+    with pytest.raises(AnalysisError, match="no RoutedLlamaRouter"):
+        R.RoutingRecorder(nn.Linear(2, 2))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -307,7 +309,10 @@ def tiny(tmp_path_factory):
     dense = LlamaForCausalLM(tiny_llama_config())
     dense.save_pretrained(root / "dense")
     _char_tokenizer().save_pretrained(root / "dense")
-    convert.convert(str(root / "dense"), root / "routed", num_experts=5, top_k=2, layers="1-2", progress=False)
+    settings = convert.ConvertSettings(
+        model=str(root / "dense"), out_dir=str(root / "routed"), num_clusters=5, top_k=2, layers="1-2", progress=False
+    )
+    convert.convert(settings, log=lambda *a, **k: None)
     return {"dense": root / "dense", "routed": root / "routed", "root": root}
 
 
@@ -343,11 +348,11 @@ def glue(tiny):
 
 
 def _items(glue_dir, tasks=("rte", "sst2", "cola"), n=10):
-    return A.load_items(list(tasks), glue_dir, "validation", n, 0)
+    return R.load_items(list(tasks), glue_dir, "validation", n, 0)
 
 
 def test_recording_never_changes_outputs_and_matches_the_router(tiny, glue):
-    model, tok, _ = A.load_model(str(tiny["routed"]), None, None)
+    model, tok, _ = R.load_model(str(tiny["routed"]), None, None)
     assert model.config.routing_impl == "auto"
     items = _items(glue)[:6]
     enc = tok([it.text for it in items], padding=True, return_tensors="pt")
@@ -360,7 +365,7 @@ def test_recording_never_changes_outputs_and_matches_the_router(tiny, glue):
     ]  # noqa: E501
     with torch.inference_mode():
         plain = model(**enc).logits
-        with A.RoutingRecorder(model) as rec:
+        with R.RoutingRecorder(model) as rec:
             rec.set_attention_mask(enc["attention_mask"])
             hooked = model(**enc).logits
             rec.check_batch()
@@ -380,10 +385,10 @@ def test_recording_never_changes_outputs_and_matches_the_router(tiny, glue):
 
 
 def test_record_routing_drops_padding_and_batching_does_not_matter(tiny, glue):
-    model, tok, _ = A.load_model(str(tiny["routed"]), None, None)
+    model, tok, _ = R.load_model(str(tiny["routed"]), None, None)
     items = _items(glue)
-    one = A.record_routing(model, tok, items, batch_size=1)
-    many = A.record_routing(model, tok, items, batch_size=7)
+    one = R.record_routing(model, tok, items, batch_size=1)
+    many = R.record_routing(model, tok, items, batch_size=7)
     lengths = [len(tok(it.text)["input_ids"]) for it in items]
     assert one.token_example.size == sum(lengths) == many.token_example.size
     assert np.bincount(many.token_example, minlength=len(items)).tolist() == lengths
@@ -397,12 +402,12 @@ def test_record_routing_drops_padding_and_batching_does_not_matter(tiny, glue):
     flags = many.token_is_text[many.token_example == e]
     assert not flags[:10].any() and flags[10:].all()
     assert many.n_truncated == 0
-    short = A.record_routing(model, tok, items, batch_size=4, max_length=20)
+    short = R.record_routing(model, tok, items, batch_size=4, max_length=20)
     assert short.n_truncated == sum(n > 20 for n in lengths)
 
 
 def _run(argv, capsys):
-    rc = A.main([str(a) for a in argv])
+    rc = cli.main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return rc, out, err
 
@@ -433,7 +438,7 @@ def test_cli_writes_the_report(tiny, glue, tmp_path, capsys):
     assert rc == 0, err
     assert "wrote" in out
     r = json.loads((out_dir / "routing.json").read_text())
-    assert r["format_version"] == A.FORMAT_VERSION
+    assert r["format_version"] == FORMAT_VERSION
     assert r["checkpoint"]["num_experts"] == 5 and r["checkpoint"]["top_k"] == 2
     assert r["checkpoint"]["routed_layers"] == [1, 2] and r["adapter"] is None
     assert r["n_examples"] == 24 and {t: v["examples"] for t, v in r["tasks"].items()} == {
@@ -442,7 +447,7 @@ def test_cli_writes_the_report(tiny, glue, tmp_path, capsys):
         "cola": 8,
     }
     assert r["n_tokens"] == sum(v["tokens"] for v in r["tasks"].values()) > r["n_text_tokens"] > 0
-    assert r["command"].startswith("python -m finetune.analyze --checkpoint")
+    assert r["command"].startswith("python -m finetune.analysis --checkpoint")
     assert r["date"] and r["hardware"]["cpu_cores"] >= 1 and r["hardware"]["device"] == "cpu"
     for i in ("1", "2"):
         s = r["layers"][i]
@@ -551,7 +556,7 @@ def _bad_inputs(tiny, glue, tmp_path):
         "zero examples": ([*ok, "--max-examples", 0], "--max-examples must be >= 1"),
         "empty selection": ([*ok, "--tasks", "mrpc"], "mrpc validation has no rows"),
         "layer not routed": ([*ok, "--coselection-layers", 0], "not routed layers"),
-        "k = N": ([*ok, "--top-k", 5], "no routing to analyse"),
+        "k = N": ([*ok, "--top-k", 5], "no routing to analyze"),
         "existing output": (["--checkpoint", tiny["routed"], "--data-dir", glue, "--out", existing], "--overwrite"),
         "not an adapter": (["--adapter", tmp_path, "--out", tmp_path / "o"], "not a routed-llama adapter folder"),
         "no checkpoint": (["--out", tmp_path / "o"], "pass --checkpoint"),
@@ -578,17 +583,17 @@ def test_bad_input_is_one_clear_line_before_loading(case, tiny, glue, tmp_path, 
     def no_heavy_work(*a, **k):
         raise AssertionError("a model was loaded before the input was checked")
 
-    monkeypatch.setattr(A, "load_model", no_heavy_work)
+    monkeypatch.setattr(R, "load_model", no_heavy_work)
     argv, message = _bad_inputs(tiny, glue, tmp_path)[case]
     rc, out, err = _run(argv, capsys)
     assert rc == 2
-    assert err.count("\n") == 1 and err.startswith("analyze: error: ") and message in err, err
+    assert err.count("\n") == 1 and err.startswith(f"{cli.PROG}: error: ") and message in err, err
     assert "Traceback" not in err and not (tmp_path / "o").exists()
 
 
 def test_module_entry_point_fails_cleanly(tiny, tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "finetune.analyze", "--checkpoint", str(tiny["dense"]), "--out", str(tmp_path / "o")],
+        [sys.executable, "-m", "finetune.analysis", "--checkpoint", str(tiny["dense"]), "--out", str(tmp_path / "o")],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -598,15 +603,12 @@ def test_module_entry_point_fails_cleanly(tiny, tmp_path):
     assert proc.stderr.strip().count("\n") == 0 and "not a routed one" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_add_arguments_and_run_can_be_wired_into_another_cli(tiny, glue, tmp_path, capsys):
-    import argparse
+def test_settings_can_be_wired_into_another_cli(tiny, glue, tmp_path, capsys):
+    from routed_llama.cli import parse_settings
 
-    parser = argparse.ArgumentParser(prog="python -m finetune")
-    sub = parser.add_subparsers(dest="cmd")
-    A.add_arguments(sub.add_parser("analyze"))
-    args = parser.parse_args(
+    settings = parse_settings(
+        AnalyzeSettings,
         [
-            "analyze",
             "--checkpoint",
             str(tiny["routed"]),
             "--tasks",
@@ -621,16 +623,18 @@ def test_add_arguments_and_run_can_be_wired_into_another_cli(tiny, glue, tmp_pat
             "--out",
             str(tmp_path / "r"),
             "--no-progress",
-        ]
+        ],
+        prog="python -m finetune analyze",
     )
-    assert A.run(args) == 0
+    report = analyze(settings, log=lambda line: None)
     r = json.loads((tmp_path / "r" / "routing.json").read_text())
+    assert r == report
     assert r["specialisation"]["all"]["by_task"]["p_value"] is None  # no permutations asked for
     assert r["n_examples"] == 8
 
 
 def test_real_glue_rows_are_read_through_finetune_tasks(glue_dir):
-    items = A.load_items(["rte", "sst2", "cola"], glue_dir, "validation", 5, 0)
+    items = R.load_items(["rte", "sst2", "cola"], glue_dir, "validation", 5, 0)
     assert [it.task for it in items] == ["rte"] * 5 + ["sst2"] * 5 + ["cola"] * 5
     for it in items:
         assert it.text_spans is not None
@@ -642,7 +646,7 @@ def test_real_glue_rows_are_read_through_finetune_tasks(glue_dir):
 def test_unavailable_device_is_refused_before_loading(tiny, glue, tmp_path, capsys, monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    monkeypatch.setattr(A, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(R, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     argv = ["--checkpoint", tiny["routed"], "--data-dir", glue, "--out", tmp_path / "o"]
     rc, _, err = _run([*argv, "--device", "cuda"], capsys)
     assert rc == 2 and err.count("\n") == 1 and "no CUDA device" in err
@@ -651,10 +655,12 @@ def test_unavailable_device_is_refused_before_loading(tiny, glue, tmp_path, caps
 
 
 def test_the_finetune_command_line_offers_analyze(tiny, tmp_path, capsys):
-    cli = pytest.importorskip("finetune.cli")
-    parser = cli.build_parser()
-    args = parser.parse_args(["analyze", "--checkpoint", str(tiny["dense"]), "--out", str(tmp_path / "o")])
-    assert args.func is A.run
-    rc = cli.main(["analyze", "--checkpoint", str(tiny["dense"]), "--out", str(tmp_path / "o")])
+    finetune_cli = pytest.importorskip("finetune.cli")
+    try:
+        rc = finetune_cli.main(["analyze", "--help"])
+    except SystemExit as exc:  # argparse exits after printing the help
+        rc = exc.code
+    assert rc == 0 and "--coselection-layers" in capsys.readouterr().out
+    rc = finetune_cli.main(["analyze", "--checkpoint", str(tiny["dense"]), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "not a routed one" in err
