@@ -15,12 +15,20 @@ Routing in one routed layer, for a token x (hidden size H, intermediate size I, 
 
 With k = N the layer computes exactly the dense FFN. Three implementations compute the same function
 (`config.routing_impl`): "mask" (the reference: compute the whole FFN, zero the dropped clusters), "sparse" (compute
-only the kept clusters: tokens grouped by cluster in plain PyTorch, or fused Triton kernels on CUDA for a few tokens,
-as in decoding) and "auto" (the fastest measured: today "mask", see `RoutedLlamaMLP.pick_impl`).
+only the kept clusters: Triton GEMV kernels for up to TRITON_MAX_TOKENS tokens without gradients on CUDA, tokens
+grouped by cluster in plain PyTorch otherwise) and "auto" (the Triton kernels for up to AUTO_TRITON_MAX_TOKENS tokens
+on CUDA devices of compute capability 8.0 or newer, "mask" everywhere else; see `auto_uses_triton`).
+
+For decoding through the kernels, `RoutedLlamaForCausalLM.fast_generate` runs greedy decoding over a StaticCache with
+one CUDA graph per step.
 
 This file ships inside every converted checkpoint as remote code: it imports only the standard library, torch,
 transformers and its configuration file (Triton, which ships with CUDA builds of torch, is optional).
 """
+
+import inspect
+import operator
+import os
 
 import torch
 import torch.nn.functional as F
@@ -49,9 +57,17 @@ try:
 except ImportError:  # CPU-only installs: the PyTorch paths below need no Triton
     triton = None
 
+# Under Triton's CPU interpreter (set before triton is imported) the kernels also run on CPU tensors: the tests use it.
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-# The fused kernels are written for decoding (a few tokens; tiles of 16 token rows); above this the grouped path runs.
+# "sparse" runs the Triton kernels for up to this many tokens (decode-sized inputs); above it the grouped path runs.
 TRITON_MAX_TOKENS = 16
+
+# "auto" runs the Triton kernels for up to this many tokens on CUDA devices of compute capability >= 8.0, and the
+# mask reference otherwise (prefill, training, CPU). Provisional: chosen before the GPU kernels were measured; the
+# measurement that confirms or revises it is results/decode/decode.json, written by benchmarks/decode.py.
+AUTO_TRITON_MAX_TOKENS = 8
+AUTO_MIN_CAPABILITY = (8, 0)
 
 
 def cluster_means(weight: torch.Tensor, offsets: list[int]) -> torch.Tensor:
@@ -59,11 +75,19 @@ def cluster_means(weight: torch.Tensor, offsets: list[int]) -> torch.Tensor:
     return torch.stack([weight[a:b].float().mean(0) for a, b in zip(offsets[:-1], offsets[1:])])
 
 
+def auto_uses_triton(x: torch.Tensor) -> bool:
+    """The device/token-count half of `routing_impl="auto"`: True for at most AUTO_TRITON_MAX_TOKENS tokens on a CUDA
+    device of compute capability >= AUTO_MIN_CAPABILITY. x (M, H)."""
+    if not x.is_cuda or x.shape[0] > AUTO_TRITON_MAX_TOKENS:
+        return False
+    return torch.cuda.get_device_capability(x.device) >= AUTO_MIN_CAPABILITY
+
+
 class RoutedLlamaRouter(nn.Module):
     """Scores N clusters per token and keeps the top k. Holds only buffers: nothing here is trained.
 
     Its forward returns the kept cluster ids, so a forward hook on it sees every routing decision (the analysis
-    tools use that). The fused Triton decode path routes inside its kernel and does not call this module.
+    tools use that). The Triton path scores and ranks clusters inside its kernels and does not call this module.
     """
 
     def __init__(self, config: RoutedLlamaConfig, layer_idx: int):
@@ -74,6 +98,7 @@ class RoutedLlamaRouter(nn.Module):
         offsets = config.offsets_for_layer(layer_idx)
         self.register_buffer("centroids", torch.zeros(config.num_experts, config.hidden_size))
         self.register_buffer("expert_offsets", torch.tensor(offsets, dtype=torch.long))
+        self._row_cluster = {}  # device -> (I,) int32 cluster id of every neuron; a cache, not state
 
     def scores(self, x: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
         """Cluster scores in fp32, (M, N), for tokens x (M, H); the activation router also needs h (M, I)."""
@@ -88,6 +113,18 @@ class RoutedLlamaRouter(nn.Module):
         """Cluster id of every intermediate neuron, (I,), from the offsets (no host sync)."""
         neurons = torch.arange(intermediate_size, device=self.expert_offsets.device)
         return torch.searchsorted(self.expert_offsets[1:], neurons, right=True)  # (I,)
+
+    def row_cluster(self, intermediate_size: int) -> torch.Tensor:
+        """`expert_of_neuron` as int32, cached per device (the Triton kernels read it every call). While a CUDA graph
+        is being captured it is computed but not cached: a tensor from the graph's private pool must not outlive it."""
+        device = self.expert_offsets.device
+        cached = self._row_cluster.get(device)
+        if cached is not None and cached.numel() == intermediate_size:
+            return cached
+        ids = self.expert_of_neuron(intermediate_size).to(torch.int32)
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            self._row_cluster[device] = ids
+        return ids
 
     def forward(self, x: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
         """Kept cluster ids, (M, k), for tokens x (M, H)."""
@@ -136,14 +173,16 @@ class RoutedLlamaMLP(nn.Module):
     def pick_impl(self, x: torch.Tensor) -> str:
         """Which implementation runs for these tokens: "mask", "sparse" (grouped PyTorch) or "triton".
 
-        "auto" is "mask" everywhere: on the H200 (results/decode/) the fused kernels reach about a third of the
-        bandwidth cuBLAS reaches on the dense FFN, so skipping half the weights still loses; the grouped path syncs
-        with the host once per call, which rules it out for CUDA graphs. "sparse" runs the kernels on CUDA for up to
-        TRITON_MAX_TOKENS tokens without gradients, and the grouped path otherwise.
+        "mask" always runs the reference. "auto" runs "triton" where `_triton_ok` and `auto_uses_triton` both hold
+        (at most AUTO_TRITON_MAX_TOKENS tokens on a CUDA device of capability >= 8.0, no gradients) and "mask"
+        otherwise; it never picks the grouped path, which syncs with the host. "sparse" runs "triton" where
+        `_triton_ok` holds and the grouped path otherwise.
         """
         impl = self.config.routing_impl
-        if impl in ("mask", "auto"):
+        if impl == "mask":
             return "mask"
+        if impl == "auto":
+            return "triton" if self._triton_ok(x) and auto_uses_triton(x) else "mask"
         return "triton" if self._triton_ok(x) else "sparse"
 
     def _plain_projections(self) -> bool:
@@ -151,15 +190,20 @@ class RoutedLlamaMLP(nn.Module):
         return all(type(p) is nn.Linear for p in (self.gate_proj, self.up_proj, self.down_proj))
 
     def _triton_ok(self, x: torch.Tensor) -> bool:
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.gate_proj.weight.requires_grad)
+        """The Triton kernels can compute this call: few tokens, no gradients (they have no backward), plain bias-free
+        projections with SiLU, a supported dtype, a CUDA tensor (or any tensor under Triton's CPU interpreter)."""
+        # cheap checks first: on the training path they fail before anything queries the device
+        if x.shape[0] > TRITON_MAX_TOKENS or triton is None:
+            return False
+        if torch.is_grad_enabled() and (x.requires_grad or self.gate_proj.weight.requires_grad):
+            return False
         return (
-            triton is not None
-            and x.is_cuda
+            (x.is_cuda or TRITON_INTERPRET)
             and self._plain_projections()
-            and not needs_grad  # the kernels have no backward
+            and self.gate_proj.bias is None
             and self.config.hidden_act == "silu"
-            and self.router.kind == "centroid"
-            and x.shape[0] <= TRITON_MAX_TOKENS
+            and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            and x.dtype == self.gate_proj.weight.dtype
         )
 
     def forward_mask(self, x: torch.Tensor) -> torch.Tensor:
@@ -213,170 +257,383 @@ class RoutedLlamaMLP(nn.Module):
         return out.to(x.dtype)
 
     def forward_triton(self, x: torch.Tensor) -> torch.Tensor:
-        """Fused CUDA kernels for a few tokens: route, then read only the kept clusters' weight blocks.
-
-        Four launches, no host sync and static shapes, so a decode step can be captured in a CUDA graph.
-        x (M, H) -> (M, H).
-        """
-        if self.gate_proj.bias is not None:  # the kernels have no bias terms; no Llama checkpoint uses them
-            raise NotImplementedError("the Triton path does not support mlp_bias; use routing_impl='mask'")
+        """The Triton kernels (`triton_routed_ffn`): read only the kept clusters' weights. No host sync and static
+        shapes, so a decode step can be captured in a CUDA graph. Only called where `_triton_ok` holds.
+        x (M, H) -> (M, H)."""
+        router = self.router
         return triton_routed_ffn(
             x,
-            self.router.centroids,
-            self.router.expert_offsets,
-            self.gate_proj.weight,
-            self.up_proj.weight,
-            self.down_proj.weight,
-            self.router.top_k,
-            self._max_cluster_size,
+            w_gate=self.gate_proj.weight,
+            w_up=self.up_proj.weight,
+            w_down=self.down_proj.weight,
+            row_cluster=router.row_cluster(self.intermediate_size),
+            top_k=router.top_k,
+            centroids=router.centroids if router.kind == "centroid" else None,
+            offsets=router.expert_offsets,
         )
 
-    @property
-    def _max_cluster_size(self) -> int:
-        offsets = self.offsets
-        return max(b - a for a, b in zip(offsets[:-1], offsets[1:]))
-
 
 # ---------------------------------------------------------------------------------------------------------------
-# Triton kernels for the "sparse" path on CUDA (decode: up to TRITON_MAX_TOKENS tokens).
+# Triton kernels for a few tokens (decoding). Decode is bound by memory bandwidth, so the kernels are GEMVs that
+# stream only the weights of kept clusters, with many programs so that every SM streams.
 #
-# Surgery made every cluster a contiguous block of gate/up rows and down columns, so a kept cluster is a plain
-# strided tile: the kernels index it through `offsets` and never copy weights. A cluster no token kept is never read.
+# Surgery made every cluster a contiguous block of gate/up rows and down columns. The kernels tile the intermediate
+# dimension I into aligned tiles (not cluster-shaped ones, whose runtime bounds would defeat vectorised loads):
+#   1. scores (centroid router): one program per (cluster, token) computes x . centroid in fp32.
+#   2. gate/up: one program per tile of BLOCK_R rows. It ranks the scores itself (top-k fused, no extra launch) and,
+#      if any token keeps any of its rows, reads those rows of gate and up once for all tokens and writes
+#      h = silu(gate x) * (up x) * kept in fp32; a tile nobody keeps writes zeros and reads no weights.
+#      (Activation router: every tile is computed, then per-cluster RMS scores and a pass that zeroes dropped rows.)
+#   3. down: programs (row tile of W_down, split g) sum over column tiles g, g + SPLIT, ...; a column tile whose h is
+#      all zero (no token kept it) is skipped without reading its weights. Partial sums are fp32: either one buffer
+#      per split summed in a fixed order by a last small kernel (deterministic), or atomically added ("atomic").
+# Three ways to multiply: MODE 0 (one token: products accumulated elementwise, one reduction at the end, as in
+# TEAL/CATS GEMVs), MODE 1 (a few tokens: the weight tile is loaded once and reduced per token on CUDA cores) and
+# MODE 2 (tl.dot on tensor cores with the tokens padded to 16 rows).
 # ---------------------------------------------------------------------------------------------------------------
+
+# Per mode: tile sizes and warps of the gate/up ("_gu") and down ("_d") kernels. Chosen by reasoning, not measured:
+# `benchmarks/decode.py --tune` times alternatives on the GPU (results/decode/decode.json, "tuning").
+TRITON_TILES = {
+    "gemv1": {"BLOCK_R": 8, "BLOCK_K": 512, "warps_gu": 4, "BLOCK_H": 16, "BLOCK_C": 256, "warps_d": 4},
+    "gemv": {"BLOCK_R": 8, "BLOCK_K": 256, "warps_gu": 4, "BLOCK_H": 16, "BLOCK_C": 128, "warps_d": 4},
+    "dot": {"BLOCK_R": 32, "BLOCK_K": 128, "warps_gu": 4, "BLOCK_H": 32, "BLOCK_C": 128, "warps_d": 4},
+}
+# How the mode is chosen (1 token: "gemv1"; up to gemv_max_tokens: "gemv"; more: "dot"), how down's fp32 partial
+# sums are reduced ("split": deterministic; "atomic": atomic adds) and how many programs per SM down aims for.
+TRITON_OPTIONS = {"gemv_max_tokens": 4, "reduce": "split", "ctas_per_sm": 4}
+_MODES = {"gemv1": 0, "gemv": 1, "dot": 2}
 
 if triton is not None:
 
     @triton.jit
-    def _route_kernel(
-        x_ptr, c_ptr, keep_ptr, H, N: tl.constexpr, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr
-    ):
-        # one program per token: scores = x . centroids in fp32, then keep the k best (ties: lower cluster id)
-        m = tl.program_id(0)
-        n = tl.arange(0, BLOCK_N)
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for k0 in range(0, H, BLOCK_K):
-            kk = k0 + tl.arange(0, BLOCK_K)
-            xv = tl.load(x_ptr + m * H + kk, mask=kk < H, other=0.0).to(tl.float32)  # (BK,)
-            cv = tl.load(
-                c_ptr + n[:, None] * H + kk[None, :], mask=(n[:, None] < N) & (kk[None, :] < H), other=0.0
-            ).to(tl.float32)  # (BN, BK)
-            acc += tl.sum(cv * xv[None, :], axis=1)
-        s = tl.where(n < N, acc, float("-inf"))
-        s_i = s[:, None]  # (BN, 1) the cluster being ranked
-        s_j = s[None, :]  # (1, BN) its competitors
-        beats = (s_j > s_i) | ((s_j == s_i) & (n[None, :] < n[:, None]))  # (BN, BN)
-        rank = tl.sum(beats.to(tl.int32), axis=1)  # (BN,)
-        keep = (rank < TOP_K) & (n < N)
-        tl.store(keep_ptr + m * N + n, keep.to(tl.float32), mask=n < N)
+    def _centroid_scores_kernel(x_ptr, c_ptr, s_ptr, H, N, BLOCK_H: tl.constexpr):
+        # program (e, m): s[m, e] = x[m] . centroid[e] in fp32
+        e = tl.program_id(0)
+        m = tl.program_id(1)
+        acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
+        for k0 in range(0, H, BLOCK_H):
+            kk = k0 + tl.arange(0, BLOCK_H)
+            xv = tl.load(x_ptr + m * H + kk, mask=kk < H, other=0.0).to(tl.float32)
+            cv = tl.load(c_ptr + e * H + kk, mask=kk < H, other=0.0).to(tl.float32)
+            acc += xv * cv
+        tl.store(s_ptr + m * N + e, tl.sum(acc, axis=0))
 
     @triton.jit
-    def _gate_up_kernel(
-        x_ptr, wg_ptr, wu_ptr, off_ptr, keep_ptr, h_ptr, M, H, I,
-        N: tl.constexpr, FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-    ):  # fmt: skip
-        # program (e, t): rows [lo + t*BR, lo + (t+1)*BR) of cluster e for every token; writes h = silu(g) * u * keep
-        e = tl.program_id(0)
-        t = tl.program_id(1)
-        lo = tl.load(off_ptr + e)
-        hi = tl.load(off_ptr + e + 1)
+    def _kept(s_ptr, rc, M, N, top_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        # (BM, BR) True where token m keeps the cluster rc[r] of row r: fewer than k clusters beat it (ties: lower id)
         m = tl.arange(0, BLOCK_M)
-        kept = tl.load(keep_ptr + m * N + e, mask=m < M, other=0.0)  # (BM,)
-        r = lo + t * BLOCK_R + tl.arange(0, BLOCK_R)  # (BR,)
-        if (tl.max(kept, axis=0) > 0) & (lo + t * BLOCK_R < hi):
+        j = tl.arange(0, BLOCK_N)
+        s = tl.load(s_ptr + m[:, None] * N + j[None, :], mask=(m[:, None] < M) & (j[None, :] < N), other=float("-inf"))
+        s_r = tl.load(s_ptr + m[:, None] * N + rc[None, :], mask=m[:, None] < M, other=0.0)  # (BM, BR)
+        s3 = s[:, None, :]  # (BM, 1, BN) competitors
+        r3 = s_r[:, :, None]  # (BM, BR, 1) the row's own cluster score
+        beats = (s3 > r3) | ((s3 == r3) & (j[None, None, :] < rc[None, :, None]))  # (BM, BR, BN)
+        rank = tl.sum(beats.to(tl.int32), axis=2)  # (BM, BR)
+        return (rank < top_k) & (m[:, None] < M)
+
+    @triton.jit
+    def _gate_up_rows(x_ptr, wg_ptr, wu_ptr, r, M, H, I, MODE: tl.constexpr, DOT_FP32: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+        # gate and up projections of rows r for every token: two (BM, BR) fp32 tensors
+        m = tl.arange(0, BLOCK_M)
+        rmask = r < I
+        if MODE == 0:  # one token: accumulate products elementwise, reduce once after the loop
+            acc_g = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+            acc_u = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+        else:
             acc_g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
             acc_u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-            for k0 in range(0, H, BLOCK_K):
-                kk = k0 + tl.arange(0, BLOCK_K)
+        for k0 in range(0, H, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            wmask = rmask[:, None] & (kk[None, :] < H)
+            wg = tl.load(wg_ptr + r[:, None] * H + kk[None, :], mask=wmask, other=0.0)  # (BR, BK)
+            wu = tl.load(wu_ptr + r[:, None] * H + kk[None, :], mask=wmask, other=0.0)  # (BR, BK)
+            if MODE == 0:
+                xv = tl.load(x_ptr + kk, mask=kk < H, other=0.0).to(tl.float32)  # (BK,)
+                acc_g += wg.to(tl.float32) * xv[None, :]
+                acc_u += wu.to(tl.float32) * xv[None, :]
+            elif MODE == 1:
+                wgf = wg.to(tl.float32)
+                wuf = wu.to(tl.float32)
+                for i in tl.static_range(BLOCK_M):
+                    xmask = (kk < H) & (tl.full((BLOCK_K,), i, tl.int32) < M)  # token i may be padding
+                    xv = tl.load(x_ptr + i * H + kk, mask=xmask, other=0.0).to(tl.float32)  # (BK,)
+                    pg = tl.sum(wgf * xv[None, :], axis=1)  # (BR,)
+                    pu = tl.sum(wuf * xv[None, :], axis=1)
+                    acc_g += tl.where(m[:, None] == i, pg[None, :], 0.0)
+                    acc_u += tl.where(m[:, None] == i, pu[None, :], 0.0)
+            else:
                 xt = tl.load(x_ptr + m[:, None] * H + kk[None, :], mask=(m[:, None] < M) & (kk[None, :] < H), other=0.0)
-                wmask = (r[:, None] < hi) & (kk[None, :] < H)
-                wg = tl.load(wg_ptr + r[:, None] * H + kk[None, :], mask=wmask, other=0.0)  # (BR, BK)
-                wu = tl.load(wu_ptr + r[:, None] * H + kk[None, :], mask=wmask, other=0.0)  # (BR, BK)
-                if FP32:
-                    acc_g = tl.dot(xt, tl.trans(wg), acc_g, input_precision="ieee")
-                    acc_u = tl.dot(xt, tl.trans(wu), acc_u, input_precision="ieee")
+                if DOT_FP32:
+                    xt = xt.to(tl.float32)
+                    acc_g = tl.dot(xt, tl.trans(wg.to(tl.float32)), acc_g, input_precision="ieee")
+                    acc_u = tl.dot(xt, tl.trans(wu.to(tl.float32)), acc_u, input_precision="ieee")
                 else:
                     acc_g = tl.dot(xt, tl.trans(wg), acc_g)
                     acc_u = tl.dot(xt, tl.trans(wu), acc_u)
-            h = acc_g * tl.sigmoid(acc_g) * acc_u * kept[:, None]  # (BM, BR); dropped tokens write zeros
-            tl.store(
-                h_ptr + m[:, None] * I + r[None, :],
-                h.to(h_ptr.dtype.element_ty),
-                mask=(m[:, None] < M) & (r[None, :] < hi),
-            )
+        if MODE == 0:
+            return tl.sum(acc_g, axis=1)[None, :], tl.sum(acc_u, axis=1)[None, :]
+        return acc_g, acc_u
 
     @triton.jit
-    def _down_kernel(
-        h_ptr, wd_ptr, off_ptr, keep_ptr, part_ptr, M, H, I,
-        N: tl.constexpr, SPLIT: tl.constexpr, FP32: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr,
-    ):  # fmt: skip
-        # program (ht, g): output rows of tile ht summed over clusters g, g + SPLIT, ...; one fp32 partial per g
-        ht = tl.program_id(0)
+    def _gate_up_kernel(x_ptr, wg_ptr, wu_ptr, rc_ptr, s_ptr, h_ptr, M, H, I, N, top_k,
+                        ROUTE: tl.constexpr, MODE: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+        # program t: rows [t * BR, (t + 1) * BR) of h (M, I) = silu(x Wg^T) * (x Wu^T), zero where not kept
+        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BR,)
+        m = tl.arange(0, BLOCK_M)
+        valid = (m[:, None] < M) & (r[None, :] < I)  # (BM, BR)
+        if ROUTE:
+            rc = tl.load(rc_ptr + r, mask=r < I, other=0)
+            kept = _kept(s_ptr, rc, M, N, top_k, BLOCK_M, BLOCK_N) & valid
+        else:  # the activation router ranks after h exists: compute every row
+            kept = valid
+        h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        if tl.max(tl.max(kept.to(tl.int32), axis=1), axis=0) > 0:  # some token keeps a row here: read the weights
+            g, u = _gate_up_rows(x_ptr, wg_ptr, wu_ptr, r, M, H, I, MODE, DOT_FP32, BLOCK_M, BLOCK_R, BLOCK_K)
+            h = tl.where(kept, g * tl.sigmoid(g) * u, 0.0)
+        tl.store(h_ptr + m[:, None] * I + r[None, :], h, mask=valid)
+
+    @triton.jit
+    def _cluster_rms_kernel(h_ptr, off_ptr, s_ptr, I, N, BLOCK_C: tl.constexpr):
+        # activation router, program (e, m): s[m, e] = RMS of h[m] over cluster e's neurons
+        e = tl.program_id(0)
+        m = tl.program_id(1)
+        lo = tl.load(off_ptr + e)
+        hi = tl.load(off_ptr + e + 1)
+        acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        for c0 in range(lo, hi, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            v = tl.load(h_ptr + m * I + c, mask=c < hi, other=0.0)
+            acc += v * v
+        tl.store(s_ptr + m * N + e, tl.sqrt(tl.sum(acc, axis=0) / (hi - lo).to(tl.float32)))
+
+    @triton.jit
+    def _mask_rows_kernel(h_ptr, rc_ptr, s_ptr, M, I, N, top_k,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):  # fmt: skip
+        # activation router: zero h where the token does not keep the row's cluster
+        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        m = tl.arange(0, BLOCK_M)
+        valid = (m[:, None] < M) & (r[None, :] < I)
+        rc = tl.load(rc_ptr + r, mask=r < I, other=0)
+        kept = _kept(s_ptr, rc, M, N, top_k, BLOCK_M, BLOCK_N)
+        ptrs = h_ptr + m[:, None] * I + r[None, :]
+        tl.store(ptrs, tl.where(kept, tl.load(ptrs, mask=valid, other=0.0), 0.0), mask=valid)
+
+    @triton.jit
+    def _down_kernel(h_ptr, wd_ptr, out_ptr, M, H, I, n_col_tiles, split,
+                     MODE: tl.constexpr, DOT_FP32: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
+        # program (row tile, g): out rows of this tile summed over column tiles g, g + split, ... (kept ones only)
+        rows = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)  # (BH,)
         g = tl.program_id(1)
         m = tl.arange(0, BLOCK_M)
-        rows = ht * BLOCK_H + tl.arange(0, BLOCK_H)  # (BH,)
-        acc = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
-        for e in range(g, N, SPLIT):
-            kept = tl.load(keep_ptr + m * N + e, mask=m < M, other=0.0)
-            if tl.max(kept, axis=0) > 0:  # only kept clusters' h columns were written
-                lo = tl.load(off_ptr + e)
-                hi = tl.load(off_ptr + e + 1)
-                for c0 in range(lo, hi, BLOCK_C):
-                    c = c0 + tl.arange(0, BLOCK_C)
-                    ht_ = tl.load(h_ptr + m[:, None] * I + c[None, :], mask=(m[:, None] < M) & (c[None, :] < hi), other=0.0)
-                    wd = tl.load(
-                        wd_ptr + rows[:, None] * I + c[None, :], mask=(rows[:, None] < H) & (c[None, :] < hi), other=0.0
-                    )  # (BH, BC)
-                    if FP32:
-                        acc = tl.dot(ht_, tl.trans(wd), acc, input_precision="ieee")
-                    else:
-                        acc = tl.dot(ht_, tl.trans(wd), acc)
-        tl.store(part_ptr + g * M * H + m[:, None] * H + rows[None, :], acc, mask=(m[:, None] < M) & (rows[None, :] < H))
+        if MODE == 0:
+            acc = tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
+        for ct in range(g, n_col_tiles, split):
+            c = ct * BLOCK_C + tl.arange(0, BLOCK_C)
+            hv = tl.load(h_ptr + m[:, None] * I + c[None, :], mask=(m[:, None] < M) & (c[None, :] < I), other=0.0)
+            # h is zero on every row no token kept: such a tile adds nothing, so its weights are not read (NaN != 0)
+            if tl.sum(tl.sum((hv != 0).to(tl.int32), axis=1), axis=0) > 0:
+                wd = tl.load(wd_ptr + rows[:, None] * I + c[None, :], mask=(rows[:, None] < H) & (c[None, :] < I),
+                             other=0.0)  # (BH, BC)  # fmt: skip
+                if MODE == 0:
+                    acc += wd.to(tl.float32) * hv  # hv (1, BC)
+                elif MODE == 1:
+                    wdf = wd.to(tl.float32)
+                    for i in tl.static_range(BLOCK_M):
+                        hi = tl.sum(tl.where(m[:, None] == i, hv, 0.0), axis=0)  # (BC,) token i's row of hv
+                        p = tl.sum(wdf * hi[None, :], axis=1)  # (BH,)
+                        acc += tl.where(m[:, None] == i, p[None, :], 0.0)
+                elif DOT_FP32:
+                    acc = tl.dot(hv, tl.trans(wd.to(tl.float32)), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(hv.to(wd.dtype), tl.trans(wd), acc)
+        if MODE == 0:
+            res = tl.sum(acc, axis=1)[None, :]  # (1, BH)
+        else:
+            res = acc
+        omask = (m[:, None] < M) & (rows[None, :] < H)
+        if ATOMIC:
+            tl.atomic_add(out_ptr + m[:, None] * H + rows[None, :], res, mask=omask)
+        else:
+            tl.store(out_ptr + g * M * H + m[:, None] * H + rows[None, :], res, mask=omask)
 
     @triton.jit
-    def _reduce_kernel(part_ptr, out_ptr, MH, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+    def _sum_splits_kernel(part_ptr, out_ptr, MH, split, BLOCK: tl.constexpr):
+        # out = sum over splits of the fp32 partials, in split order (deterministic), cast to out's dtype
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
-        for g in range(SPLIT):
+        for g in range(0, split):
             acc += tl.load(part_ptr + g * MH + i, mask=i < MH, other=0.0)
         tl.store(out_ptr + i, acc.to(out_ptr.dtype.element_ty), mask=i < MH)
 
 
-# Tile sizes: the fastest of the 12 that `benchmarks/decode.py --tune` tried on the H200 at the Llama-7B shape (bf16).
-TRITON_TILES = {"BLOCK_R": 32, "BLOCK_K": 256, "BLOCK_H": 64, "BLOCK_C": 64, "SPLIT": 8, "warps_gu": 4, "warps_d": 4}
+_SM_COUNT = {}
 
 
-def triton_routed_ffn(x, centroids, offsets, w_gate, w_up, w_down, top_k, max_cluster_size, tiles=None):
-    """Routed SwiGLU FFN for a few tokens with the Triton kernels. x (M, H) -> (M, H) in x's dtype.
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the CPU interpreter: any small number exercises the split
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
 
-    `offsets` (N + 1,) is a device tensor, `max_cluster_size` a Python int (it sizes the grid, so it must not be
-    read from the device). Static shapes throughout: a CUDA graph can capture it.
+
+def _dot_fp32(dtype: torch.dtype) -> bool:
+    """tl.dot in fp32 ("ieee"): for fp32 inputs, and for bf16 under the CPU interpreter, whose bf16 dot is wrong."""
+    return dtype == torch.float32 or (TRITON_INTERPRET and dtype == torch.bfloat16)
+
+
+def triton_mode(tokens: int, tiles: dict | None = None) -> str:
+    """The multiply mode for this many tokens ("gemv1", "gemv" or "dot"); `tiles["mode"]` overrides it."""
+    if tiles and "mode" in tiles:
+        return tiles["mode"]
+    if tokens == 1:
+        return "gemv1"
+    return "gemv" if tokens <= TRITON_OPTIONS["gemv_max_tokens"] else "dot"
+
+
+def triton_routed_ffn(x, *, w_gate, w_up, w_down, row_cluster, top_k, centroids=None, offsets=None, tiles=None):
+    """Routed SwiGLU FFN for up to TRITON_MAX_TOKENS tokens. x (M, H) -> (M, H) in x's dtype.
+
+    The centroid router is used when `centroids` (N, H) is given, the activation router (which needs `offsets`, the
+    (N + 1,) device tensor of cluster bounds) otherwise. `row_cluster` (I,) int32 holds every neuron's cluster.
+    For several tokens the union of their kept clusters is read once. `tiles` overrides entries of TRITON_TILES[mode]
+    and TRITON_OPTIONS (and may set "mode" and "SPLIT"). No host sync, static shapes: a CUDA graph can capture it.
     """
-    tiles = TRITON_TILES if tiles is None else tiles
+    tiles = tiles or {}
     m, hidden = x.shape
     inter = w_gate.shape[0]
-    n = centroids.shape[0]
-    block_m = max(16, triton.next_power_of_2(m))
-    fp32 = x.dtype == torch.float32
+    n = centroids.shape[0] if centroids is not None else offsets.numel() - 1
+    mode = triton_mode(m, tiles)
+    t = {**TRITON_TILES[mode], **TRITON_OPTIONS, **tiles}
+    block_m = 16 if mode == "dot" else triton.next_power_of_2(m)
+    block_n = triton.next_power_of_2(n)
     x = x.contiguous()
-    keep = torch.empty(m, n, device=x.device, dtype=torch.float32)  # (M, N) 1.0 where kept
-    _route_kernel[(m,)](x, centroids, keep, hidden, N=n, TOP_K=top_k, BLOCK_N=triton.next_power_of_2(n), BLOCK_K=128)
-    h = torch.empty(m, inter, device=x.device, dtype=x.dtype)  # (M, I) only kept clusters' columns are written
-    grid_gu = (n, triton.cdiv(max_cluster_size, tiles["BLOCK_R"]))
-    _gate_up_kernel[grid_gu](
-        x, w_gate, w_up, offsets, keep, h, m, hidden, inter, N=n, FP32=fp32, BLOCK_M=block_m,
-        BLOCK_R=tiles["BLOCK_R"], BLOCK_K=tiles["BLOCK_K"], num_warps=tiles["warps_gu"],
+    scores = torch.empty(m, n, device=x.device, dtype=torch.float32)  # (M, N)
+    h = torch.empty(m, inter, device=x.device, dtype=torch.float32)  # (M, I), every element written below
+    route = centroids is not None
+    if route:
+        _centroid_scores_kernel[(n, m)](x, centroids, scores, hidden, n, BLOCK_H=min(4096, triton.next_power_of_2(hidden)))
+    grid_rows = (triton.cdiv(inter, t["BLOCK_R"]),)
+    _gate_up_kernel[grid_rows](
+        x, w_gate, w_up, row_cluster, scores, h, m, hidden, inter, n, top_k, ROUTE=route, MODE=_MODES[mode],
+        DOT_FP32=_dot_fp32(x.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=t["BLOCK_R"], BLOCK_K=t["BLOCK_K"],
+        num_warps=t["warps_gu"],
     )  # fmt: skip
-    split = min(tiles["SPLIT"], n)
-    part = torch.empty(split, m, hidden, device=x.device, dtype=torch.float32)  # (SPLIT, M, H)
-    grid_d = (triton.cdiv(hidden, tiles["BLOCK_H"]), split)
-    _down_kernel[grid_d](
-        h, w_down, offsets, keep, part, m, hidden, inter, N=n, SPLIT=split, FP32=fp32, BLOCK_M=block_m,
-        BLOCK_H=tiles["BLOCK_H"], BLOCK_C=tiles["BLOCK_C"], num_warps=tiles["warps_d"],
+    if not route:
+        _cluster_rms_kernel[(n, m)](h, offsets, scores, inter, n, BLOCK_C=256)
+        _mask_rows_kernel[grid_rows](h, row_cluster, scores, m, inter, n, top_k, BLOCK_M=block_m, BLOCK_N=block_n,
+                                     BLOCK_R=t["BLOCK_R"])  # fmt: skip
+    return _down(h, w_down, x.dtype, mode, t)
+
+
+def _down(h, w_down, dtype, mode, t):
+    """out (M, H) = h (M, I) @ W_down^T over the column tiles where h is nonzero, with fp32 partial sums."""
+    m, inter = h.shape
+    hidden = w_down.shape[0]
+    row_tiles = triton.cdiv(hidden, t["BLOCK_H"])
+    col_tiles = triton.cdiv(inter, t["BLOCK_C"])
+    split = t.get("SPLIT") or triton.cdiv(t["ctas_per_sm"] * _sm_count(h.device), row_tiles)
+    split = max(1, min(split, col_tiles))
+    atomic = t["reduce"] == "atomic"
+    block_m = 16 if mode == "dot" else triton.next_power_of_2(m)
+    if atomic:
+        part = torch.zeros(m, hidden, device=h.device, dtype=torch.float32)  # (M, H) added to by every split
+    else:
+        part = torch.empty(split, m, hidden, device=h.device, dtype=torch.float32)  # (SPLIT, M, H)
+    _down_kernel[(row_tiles, split)](
+        h, w_down, part, m, hidden, inter, col_tiles, split, MODE=_MODES[mode], DOT_FP32=_dot_fp32(dtype),
+        ATOMIC=atomic, BLOCK_M=block_m, BLOCK_H=t["BLOCK_H"], BLOCK_C=t["BLOCK_C"], num_warps=t["warps_d"],
     )  # fmt: skip
-    out = torch.empty(m, hidden, device=x.device, dtype=x.dtype)
-    _reduce_kernel[(triton.cdiv(m * hidden, 1024),)](part, out, m * hidden, SPLIT=split, BLOCK=1024)
+    if atomic:
+        return part.to(dtype)
+    out = torch.empty(m, hidden, device=h.device, dtype=dtype)
+    _sum_splits_kernel[(triton.cdiv(m * hidden, 1024),)](part, out, m * hidden, split, BLOCK=1024)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Greedy decoding over a StaticCache with one CUDA graph per step (RoutedLlamaForCausalLM.fast_generate).
+# ---------------------------------------------------------------------------------------------------------------
+
+# transformers renamed the cache argument of forward (`past_key_values` -> `cache`); use whichever this one takes.
+_CACHE_KWARG = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+
+
+class GreedyDecodeStep:
+    """One greedy decode step (B tokens in, B tokens out) over a StaticCache of `max_cache_len` positions.
+
+    With `cuda_graph` the step is captured once (after one eager warm-up step on a side stream, which also compiles
+    the Triton kernels) and replayed; the cache's write position is a device tensor that the replay advances, so
+    nothing is read back to the host. `reset()` empties the cache for the next prompt without re-capturing.
+    """
+
+    def __init__(self, model, batch: int, max_cache_len: int, cuda_graph: bool):
+        from transformers import StaticCache
+
+        self.model = model
+        self.key = (batch, max_cache_len, model.device, model.dtype, cuda_graph)
+        self.cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=model.device)  # (B, 1) the step's static input
+        self.graph = None
+        self.next_tokens = None
+        if cuda_graph:
+            self._capture()
+        self.reset()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits of the last position, (B, V), of input_ids (B, T) appended to the cache."""
+        kwargs = {_CACHE_KWARG: self.cache}
+        return self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **kwargs).logits[:, -1]
+
+    def _step(self) -> torch.Tensor:
+        return self.forward(self.ids).argmax(-1)  # (B,)
+
+    def _capture(self):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self._step()  # allocates the cache, compiles kernels: none of this may happen inside the capture
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.next_tokens = self._step()
+
+    def reset(self):
+        self.cache.reset()
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The next tokens, (B,), after feeding tokens (B,). In graph mode the result is a buffer the next call
+        overwrites."""
+        self.ids.copy_(tokens[:, None])
+        if self.graph is None:
+            return self._step()
+        self.graph.replay()
+        return self.next_tokens
+
+
+def _eos_ids(generation_config, eos_token_id):
+    eos = generation_config.eos_token_id if eos_token_id is None else eos_token_id
+    if eos is None:
+        return []
+    return [eos] if isinstance(eos, int) else list(eos)
+
+
+def _trim_after_eos(new_tokens: torch.Tensor, eos: list[int]) -> torch.Tensor:
+    """Cut new_tokens (B, T) after the first step by which every row has produced an EOS (as `generate` stops)."""
+    if not eos:
+        return new_tokens
+    hit = torch.isin(new_tokens, torch.tensor(eos, device=new_tokens.device))  # (B, T)
+    done = hit.int().cummax(dim=1).values.bool().all(0)  # (T,) every row finished by this step
+    if not bool(done.any()):
+        return new_tokens
+    return new_tokens[:, : int(done.int().argmax()) + 1]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -429,11 +686,15 @@ class RoutedLlamaModel(RoutedLlamaPreTrainedModel, LlamaModel):
     def set_top_k(self, k: int):
         """Change k in every routed layer at run time (k = N turns routing off: "train routed, deploy dense")."""
         n = self.config.num_experts
-        if not 1 <= k <= n:
-            raise ValueError(f"k must be in [1, num_experts={n}], got {k}")
-        self.config.num_experts_per_tok = k
+        try:
+            value = None if isinstance(k, bool) else operator.index(k)  # ints and integer scalars; not "3", 3.0, True
+        except TypeError:
+            value = None
+        if value is None or not 1 <= value <= n:
+            raise ValueError(f"num_experts_per_tok (k) must be an integer in [1, num_experts={n}], got {k!r}")
+        self.config.num_experts_per_tok = value
         for mlp in self.routed_mlps().values():
-            mlp.router.top_k = k
+            mlp.router.top_k = value
 
 
 class RoutedLlamaForCausalLM(RoutedLlamaPreTrainedModel, LlamaForCausalLM):
@@ -442,7 +703,58 @@ class RoutedLlamaForCausalLM(RoutedLlamaPreTrainedModel, LlamaForCausalLM):
         self.model = RoutedLlamaModel(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self._greedy_step = None  # the last GreedyDecodeStep of fast_generate, reused while its key matches
         self.post_init()
+
+    @torch.no_grad()
+    def fast_generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, eos_token_id=None,
+                      cuda_graph: bool | None = None) -> torch.Tensor:  # fmt: skip
+        """Greedy decoding: the tokens `generate(input_ids, do_sample=False, max_new_tokens=...)` returns, faster.
+
+        The prompt is prefilled into a StaticCache; each further token is one decode step, replayed from a CUDA
+        graph on CUDA (`cuda_graph=None` means "on CUDA"). With routing_impl "auto" or "sparse", decode steps of up to
+        AUTO_TRITON_MAX_TOKENS (resp. TRITON_MAX_TOKENS) sequences run the Triton kernels that read only the kept
+        clusters. The graph and cache are kept for the next call with the same batch size and cache length (the
+        length is rounded up to a multiple of 128); the first call of a shape pays for one capture.
+
+        Limits: greedy only (sampling and logits processors in `generation_config` are ignored); no padding
+        (all rows of input_ids (B, T) are real tokens). Like `generate`, a row that produced an EOS token
+        (`eos_token_id`, default `generation_config.eos_token_id`) continues with the pad token, and decoding stops
+        once every row has. Returns (B, T + new) token ids. The model should be in eval mode.
+        """
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
+        input_ids = input_ids.to(self.device)
+        batch, length = input_ids.shape
+        use_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
+        step = self._decode_step(batch, -(-(length + max_new_tokens) // 128) * 128, use_graph)
+        eos = _eos_ids(self.generation_config, eos_token_id)
+        pad = self.generation_config.pad_token_id
+        pad = eos[0] if pad is None and eos else pad
+        eos_t = torch.tensor(eos, device=self.device, dtype=torch.long)
+        finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        out = torch.empty(batch, max_new_tokens, dtype=torch.long, device=self.device)  # (B, new)
+        tokens = step.forward(input_ids).argmax(-1)  # prefill, (B,)
+        for i in range(max_new_tokens):
+            if eos:
+                tokens = torch.where(finished, pad, tokens)
+                finished = finished | torch.isin(tokens, eos_t)
+            out[:, i] = tokens
+            if i + 1 == max_new_tokens or (eos and i % 16 == 15 and bool(finished.all())):  # a host sync every 16
+                break
+            tokens = step(tokens)
+        return torch.cat([input_ids, _trim_after_eos(out[:, : i + 1], eos)], dim=1)
+
+    def _decode_step(self, batch: int, max_cache_len: int, cuda_graph: bool) -> GreedyDecodeStep:
+        key = (batch, max_cache_len, self.device, self.dtype, cuda_graph)
+        if self._greedy_step is not None and self._greedy_step.key == key:
+            self._greedy_step.reset()
+        else:
+            self._greedy_step = None  # free the old graph and cache before allocating new ones
+            self._greedy_step = GreedyDecodeStep(self, batch, max_cache_len, cuda_graph)
+        return self._greedy_step
 
 
 class RoutedLlamaForSequenceClassification(RoutedLlamaPreTrainedModel, LlamaForSequenceClassification):
@@ -461,6 +773,7 @@ RoutedLlamaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 RoutedLlamaForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
 
 __all__ = [
+    "GreedyDecodeStep",
     "RoutedLlamaConfig",
     "RoutedLlamaForCausalLM",
     "RoutedLlamaForSequenceClassification",
@@ -468,4 +781,5 @@ __all__ = [
     "RoutedLlamaModel",
     "RoutedLlamaPreTrainedModel",
     "RoutedLlamaRouter",
+    "triton_routed_ffn",
 ]

@@ -247,13 +247,18 @@ def test_sdpa_and_eager_attention_agree(tiny_converted_dir):
 
 
 def test_set_top_k_changes_routing_at_run_time(routed, dense, ids):
-    """set_top_k(N) turns routing off (dense logits), set_top_k(k) back on; out-of-range k is refused."""
+    """set_top_k(N) turns routing off (dense logits), set_top_k(k) back on; an out-of-range or non-integer k is
+    refused with a ValueError that names the field, and leaves k unchanged."""
     with torch.no_grad():
         low = routed(ids).logits
         routed.model.set_top_k(N)
         assert max_diff(routed(ids).logits, dense(ids).logits) <= 1e-5
         routed.model.set_top_k(K)
         assert max_diff(routed(ids).logits, low) == 0.0
-    for bad in (0, N + 1):
-        with pytest.raises(ValueError, match=r"k must be in \[1, num_experts=5\]"):
+    for bad in (0, N + 1, "3", 2.0, True, None):
+        with pytest.raises(ValueError, match=r"num_experts_per_tok \(k\) must be an integer in \[1, num_experts=5\]"):
             routed.model.set_top_k(bad)
+    assert routed.config.num_experts_per_tok == K
+    assert all(mlp.router.top_k == K for mlp in routed.model.routed_mlps().values())
+    routed.model.set_top_k(torch.tensor(3))  # an integer scalar of any kind is an integer
+    assert routed.config.num_experts_per_tok == 3 and type(routed.config.num_experts_per_tok) is int
