@@ -1,119 +1,93 @@
-"""One LoRA fine-tune of one arm on one GLUE task, with transformers `Trainer` and PEFT.
+"""One LoRA fine-tune of one arm on one GLUE task.
 
 The same function serves both arms: the plain arm loads the stock model, the routed arm a converted checkpoint.
 Everything that could differ between arms (head init, LoRA init, data order, batching) is a function of the seed
 alone, so that seed s of one arm is paired with seed s of the other.
 
-Because it is a plain `Trainer`, a run goes multi-GPU with no code change: `accelerate launch -m finetune run ...`
-or `torchrun --nproc-per-node 8 -m finetune run ...` (data parallel; the batch size is per device).
+Two engines train the PEFT model: "fast" (finetune/fast.py: static shapes, one CUDA graph per training step on a
+GPU) and "trainer" (finetune/hf_trainer.py: `transformers.Trainer`, the reference and the multi-GPU path:
+`torchrun --nproc-per-node 8 -m finetune run --engine trainer ...`; the batch size is per device).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-import math
 import os
-import platform
-import tempfile
 import time
-
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import adapters, models, tasks
+from . import adapters, data, models, tasks
 from .config import RunConfig
 
 
 def hardware() -> str:
+    import platform
+
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
     return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
-class ListDataset(torch.utils.data.Dataset):
-    def __init__(self, items: list[dict]):
-        self.items = items
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        return self.items[i]
+def distributed() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def encode(task: tasks.Task, rows: list[tasks.Example], tokenizer, max_length: int) -> ListDataset:
-    texts = [tasks.format_example(task, r) for r in rows]
-    enc = tokenizer(texts, truncation=True, max_length=max_length)
-    items = []
-    for i, r in enumerate(rows):
-        label = float(r.label) if task.is_regression else int(r.label)
-        items.append({"input_ids": enc["input_ids"][i], "attention_mask": enc["attention_mask"][i], "labels": label})
-    return ListDataset(items)
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun/accelerate launch, or a plain process: the only one that writes files."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
-def by_length(ds: ListDataset) -> tuple[ListDataset, np.ndarray]:
-    """(the items sorted longest first, order) so that evaluation batches carry little padding; item j of the
-    sorted set is row order[j] of the original."""
-    order = np.argsort([-len(it["input_ids"]) for it in ds.items], kind="stable")
-    return ListDataset([ds.items[i] for i in order]), order
+def engine_of(cfg: RunConfig) -> str:
+    if cfg.engine != "auto":
+        if cfg.engine == "fast" and distributed():
+            raise ValueError("the fast engine runs on one device; use --engine trainer under torchrun/accelerate")
+        return cfg.engine
+    return "trainer" if distributed() else "fast"
 
 
-def _sequential_eval_trainer():
-    from torch.utils.data import SequentialSampler
-    from transformers import Trainer
-
-    class SequentialEvalTrainer(Trainer):
-        """Evaluates in dataset order: with `train_sampling_strategy="group_by_length"` transformers 5 also
-        shuffles evaluation batches, which would misalign the per-example predictions we record."""
-
-        def _get_eval_sampler(self, eval_dataset):
-            if eval_dataset is not None and self.args.world_size <= 1:
-                return SequentialSampler(eval_dataset)
-            return super()._get_eval_sampler(eval_dataset)
-
-    return SequentialEvalTrainer
-
-
-def split_rows(cfg: RunConfig, task: tasks.Task):
-    """(train rows, evaluation rows): dev for real runs, a seeded held-out slice of train for lr selection."""
-    train = tasks.load_split(task, "train", cfg.data_dir, cfg.max_train_samples, seed=0)  # same subset for every seed
-    if cfg.holdout_fraction is None:
-        dev = tasks.load_split(task, "validation", cfg.data_dir, cfg.max_eval_samples, seed=0)
-        return train, dev
-    order = np.random.default_rng(12345).permutation(len(train))  # fixed: every arm and lr sees the same slice
-    n_hold = max(1, int(round(cfg.holdout_fraction * len(train))))
-    hold = set(order[:n_hold].tolist())
-    return [r for i, r in enumerate(train) if i not in hold], [r for i, r in enumerate(train) if i in hold]
-
-
-def _precision(cfg: RunConfig) -> str:
+def precision_of(cfg: RunConfig) -> str:
     if cfg.precision != "auto":
         return cfg.precision
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
 
 
-def _predictions(task: tasks.Task, preds) -> np.ndarray:
-    """Predicted classes (or scores) from what `argmax_on_device` left: one value per example."""
-    preds = preds[0] if isinstance(preds, tuple) else preds
-    return np.asarray(preds).reshape(-1)
+@dataclass
+class Setup:
+    """Everything a run trains on: the PEFT model, its tokenizer and the encoded splits."""
+
+    model: object
+    tokenizer: object
+    train_ds: data.ListDataset
+    eval_ds: data.ListDataset  # sorted longest first
+    eval_order: np.ndarray  # eval_ds item j is evaluation row eval_order[j]
+    routed: bool
+    fingerprint: str
+
+    @contextlib.contextmanager
+    def routing_off(self):
+        """k = N for the duration: the routed model computes every cluster (its dense equivalent)."""
+        base = self.model.get_base_model()
+        k = base.config.num_experts_per_tok
+        base.model.set_top_k(base.config.num_experts)
+        try:
+            yield
+        finally:
+            base.model.set_top_k(k)
 
 
-def run_one(cfg: RunConfig | dict) -> dict:
-    """Fine-tune one arm with one seed; return everything the comparison needs (see the module docstring)."""
+def prepare(cfg: RunConfig, task: tasks.Task) -> Setup:
+    """Load the base (fp32, CPU), seed the head and LoRA init, wrap with PEFT, encode the splits."""
     from peft import LoraConfig, TaskType, get_peft_model
-    from transformers import DataCollatorWithPadding, PrinterCallback, TrainerCallback, TrainingArguments, set_seed
+    from transformers import set_seed
 
-    if isinstance(cfg, dict):
-        cfg = RunConfig(**cfg)
-    cfg.validate()
-    task = tasks.get_task(cfg.task)
-    t_start = time.perf_counter()
-    train_rows, eval_rows = split_rows(cfg, task)
-
+    train_rows, eval_rows = data.split_rows(cfg, task)
     tokenizer = models.load_tokenizer(cfg.model)
     model = models.load_classifier(cfg.model, task.num_labels, tokenizer, routing_impl=cfg.routing_impl)
     if model.config.num_labels != task.num_labels:
@@ -122,163 +96,125 @@ def run_one(cfg: RunConfig | dict) -> dict:
     fingerprint = models.base_fingerprint(model)
     models.init_score(model, cfg.seed)
     set_seed(cfg.seed)  # LoRA A matrices are drawn here: same seed, same init in both arms
-    lora = LoraConfig(
-        task_type=TaskType.SEQ_CLS,
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=list(cfg.lora_targets),
-        modules_to_save=list(cfg.modules_to_save),
-        bias="none",
-    )
+    lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=list(cfg.lora_targets), modules_to_save=list(cfg.modules_to_save), bias="none")  # fmt: skip
     model = get_peft_model(model, lora)
+    train_ds = data.encode(task, train_rows, tokenizer, cfg.max_length)
+    eval_ds, eval_order = data.by_length(data.encode(task, eval_rows, tokenizer, cfg.max_length))
+    return Setup(model, tokenizer, train_ds, eval_ds, eval_order, routed, fingerprint)
 
-    train_ds = encode(task, train_rows, tokenizer, cfg.max_length)
-    eval_ds, eval_order = by_length(encode(task, eval_rows, tokenizer, cfg.max_length))
-    labels = np.array([it["labels"] for it in eval_ds.items])  # in evaluation (length) order
-    stash = {}
 
-    def metrics_fn(pred):
-        preds = _predictions(task, pred.predictions)
-        stash["predictions"] = preds
-        return tasks.compute_metrics(task, preds, pred.label_ids.reshape(-1))
+GROUP_FIELDS_FREE = ("seed", "lr", "arm", "model", "output_dir", "routing_impl", "eval_routing_off")
 
-    def argmax_on_device(logits, _labels):  # ship (B,) ids, not (B, L) logits, to the host
-        logits = logits[0] if isinstance(logits, tuple) else logits
-        return logits.squeeze(-1) if task.is_regression else logits.argmax(-1)
 
-    precision = _precision(cfg)
-    per_epoch: list[dict] = []
-    _SequentialEvalTrainer = _sequential_eval_trainer()
+def check_group(cfgs: list[RunConfig]):
+    """Runs trained side by side must see the same task, data and shapes; only these may differ: seed, lr, arm,
+    model (the arms of one base share its tokenizer), output_dir, routing_impl, eval_routing_off."""
+    first = dataclasses.asdict(cfgs[0])
+    for c in cfgs[1:]:
+        other = dataclasses.asdict(c)
+        diff = [k for k in first if k not in GROUP_FIELDS_FREE and first[k] != other[k]]
+        if diff:
+            raise ValueError(f"runs trained together must agree on {diff}")
 
-    class EpochMetrics(TrainerCallback):
-        recording = True  # off once training ends, so the routing-off evaluation is not taken for an epoch
 
-        def on_evaluate(self, args, state, control, metrics=None, **kw):
-            if self.recording and state.epoch is not None and state.global_step > 0:
-                per_epoch.append({"epoch": round(state.epoch, 4), **_strip(metrics)})
+def fit_fast(setups: list[Setup], cfgs: list[RunConfig], task: tasks.Task, precision: str) -> list[dict]:
+    """Train the runs side by side with the fast engine (one CUDA stream each): before, per epoch and routing-off
+    metrics, predictions in evaluation order."""
+    from . import fast
 
-    with tempfile.TemporaryDirectory() as scratch:
-        args = TrainingArguments(
-            output_dir=scratch,
-            per_device_train_batch_size=cfg.batch_size,
-            per_device_eval_batch_size=cfg.eval_batch_size,
-            learning_rate=cfg.lr,
-            num_train_epochs=cfg.epochs,
-            warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
-            lr_scheduler_type="linear",
-            weight_decay=cfg.weight_decay,
-            max_grad_norm=cfg.max_grad_norm,
-            eval_strategy="epoch",
-            save_strategy="no",
-            logging_strategy="epoch",
-            report_to="none",
-            seed=cfg.seed,
-            data_seed=cfg.seed,
-            bf16=precision == "bf16",
-            fp16=precision == "fp16",
-            train_sampling_strategy="group_by_length",
-            logging_nan_inf_filter=False,  # it syncs with the device every step
-            disable_tqdm=True,
-            dataloader_num_workers=cfg.num_workers,
-            use_cpu=not torch.cuda.is_available(),
-            label_names=["labels"],
-        )
-        trainer = _SequentialEvalTrainer(
-            model=model,
-            args=args,
-            train_dataset=train_ds,
-            eval_dataset=eval_ds,
-            data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8),
-            compute_metrics=metrics_fn,
-            preprocess_logits_for_metrics=argmax_on_device,
-            callbacks=[epoch_metrics := EpochMetrics()],
-        )
-        trainer.remove_callback(PrinterCallback)  # the harness prints one line per run instead
-        before = _strip(trainer.evaluate())
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        trainer.train()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        train_seconds = time.perf_counter() - t0
-        epoch_metrics.recording = False
-        peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
-        if not per_epoch:
-            raise RuntimeError("no evaluation ran during training")
-        final = {k: v for k, v in per_epoch[-1].items() if k != "epoch"}
-        predictions = stash["predictions"]
-        predictions[eval_order], labels[eval_order] = predictions.copy(), labels.copy()  # back to file order
-        routing_off = None
-        if routed and cfg.eval_routing_off:
-            base = model.get_base_model()
-            k = base.config.num_experts_per_tok
-            base.model.set_top_k(base.config.num_experts)
-            routing_off = _strip(trainer.evaluate())
-            base.model.set_top_k(k)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    items, eval_items = setups[0].train_ds.items, setups[0].eval_ds.items
+    if any(s.train_ds.items != items or s.eval_ds.items != eval_items for s in setups[1:]):
+        raise ValueError("runs trained together must tokenize to the same examples (one tokenizer)")
+    labels = np.array([it["labels"] for it in eval_items])  # evaluation (length) order
 
-    train_tokens = sum(len(it["input_ids"]) for it in train_ds.items) * cfg.epochs
-    result = {
-        "arm": cfg.arm,
-        "seed": cfg.seed,
-        "lr": cfg.lr,
-        "task": task.name,
-        "model": cfg.model,
-        "routed": routed,
-        "primary_metric": task.primary,
-        "before": before,
-        "per_epoch": per_epoch,
-        "final": final,
-        "final_routing_off": routing_off,
-        "predictions": predictions.tolist(),
-        "labels": labels.tolist(),
+    def score(preds: np.ndarray) -> dict:
+        return tasks.compute_metrics(task, preds, labels)
+
+    engines, befores = [], []
+    for s, cfg in zip(setups, cfgs):
+        s.model.to(device)
+        engine = fast.FastEngine(s.model, cfg, task, s.tokenizer.pad_token_id, precision, device)
+        preds, loss = engine.predict(eval_items)
+        engines.append(engine)
+        befores.append({**score(preds), "loss": loss})
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    outcomes = fast.fit_many(engines, items, eval_items, score)
+    for s, cfg, engine, o, before in zip(setups, cfgs, engines, outcomes, befores):
+        o["before"], o["routing_off"] = before, None
+        if s.routed and cfg.eval_routing_off:
+            with s.routing_off():
+                preds, loss = engine.predict(eval_items, kind="eval-routing-off")
+            o["routing_off"] = {**score(preds), "loss": loss}
+    return outcomes
+
+
+def run_one(cfg: RunConfig | dict) -> dict:
+    """Fine-tune one arm with one seed; return everything the comparison needs (see the module docstring)."""
+    return run_group([cfg])[0]
+
+
+def run_group(cfgs: list[RunConfig | dict]) -> list[dict]:
+    """Fine-tune several runs of one task (e.g. the seeds of an arm) side by side on one device with the fast
+    engine, or one run with the Trainer engine. Each result is the run's own (see `fast.fit_many`)."""
+    from .hf_trainer import fit_trainer
+
+    cfgs = [RunConfig(**c) if isinstance(c, dict) else c for c in cfgs]
+    for c in cfgs:
+        c.validate()
+    check_group(cfgs)
+    task = tasks.get_task(cfgs[0].task)
+    engine = engine_of(cfgs[0])
+    if engine == "trainer" and len(cfgs) > 1:
+        raise ValueError("the Trainer engine trains one run at a time")
+    t_start = time.perf_counter()
+    setups = [prepare(c, task) for c in cfgs]
+    precision = precision_of(cfgs[0])
+    if engine == "fast":
+        outcomes = fit_fast(setups, cfgs, task, precision)
+    else:
+        outcomes = [fit_trainer(setups[0], cfgs[0], task, precision)]
+    seconds = time.perf_counter() - t_start
+    results = []
+    for c, s, o in zip(cfgs, setups, outcomes):
+        results.append(assemble(c, task, s, o, engine, precision, seconds))
+        if c.output_dir is not None and is_main_process():
+            save(c, task, s, results[-1])
+    return results
+
+
+def assemble(cfg: RunConfig, task: tasks.Task, s: Setup, o: dict, engine: str, precision: str, run_seconds: float) -> dict:
+    """The run's record: metrics before/per epoch/final, per-example predictions in file order, cost, provenance."""
+    predictions = np.asarray(o["predictions"]).copy()
+    labels = np.array([it["labels"] for it in s.eval_ds.items])
+    predictions[s.eval_order], labels[s.eval_order] = predictions.copy(), labels.copy()  # back to file order
+    final = {k: v for k, v in o["per_epoch"][-1].items() if k != "epoch"}
+    train_tokens = sum(len(it["input_ids"]) for it in s.train_ds.items) * cfg.epochs
+    peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+    return {
+        "arm": cfg.arm, "seed": cfg.seed, "lr": cfg.lr, "task": task.name, "model": cfg.model, "routed": s.routed,
+        "primary_metric": task.primary, "before": o["before"], "per_epoch": o["per_epoch"], "final": final,
+        "final_routing_off": o["routing_off"],
+        "predictions": predictions.tolist(), "labels": labels.tolist(),
         "correct": None if task.is_regression else (predictions == labels).astype(int).tolist(),
-        "train_examples": len(train_ds),
-        "eval_examples": len(eval_ds),
-        "train_seconds": round(train_seconds, 3),
-        "run_seconds": round(time.perf_counter() - t_start, 3),
-        "train_tokens": int(train_tokens),
-        "train_tokens_per_s": round(train_tokens / train_seconds, 1),
-        "peak_gpu_mem_bytes": peak,
-        "precision": precision,
-        "hardware": hardware(),
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "base_fingerprint": fingerprint,
-        "config": dataclasses.asdict(cfg),
-    }
-    if cfg.output_dir is not None:
-        out = Path(cfg.output_dir)
-        adapters.save_adapter(
-            model,
-            out / "adapter",
-            {
-                "base": cfg.model,
-                "base_fingerprint": fingerprint,
-                "task": task.name,
-                "num_labels": task.num_labels,
-                "arm": cfg.arm,
-                "seed": cfg.seed,
-                "max_length": cfg.max_length,
-                "final": final,
-            },
-        )
-        (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
-    return result
+        "train_examples": len(s.train_ds), "eval_examples": len(s.eval_ds),
+        "train_seconds": round(o["train_seconds"], 3), "run_seconds": round(run_seconds, 3),
+        "train_tokens": int(train_tokens), "train_tokens_per_s": round(train_tokens / o["train_seconds"], 1),
+        "peak_gpu_mem_bytes": peak, "precision": precision, "engine": engine,
+        "train_loss": o.get("train_loss"), "shapes": o.get("shapes"), "group_size": o.get("group_size", 1),
+        "hardware": hardware(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "base_fingerprint": s.fingerprint, "config": dataclasses.asdict(cfg),
+    }  # fmt: skip
 
 
-def _strip(metrics: dict) -> dict:
-    """Trainer's eval dict without the `eval_` prefix and without the timing fields."""
-    skip = ("runtime", "samples_per_second", "steps_per_second", "epoch", "loss", "model_preparation_time")
-    out = {}
-    for k, v in (metrics or {}).items():
-        name = k[5:] if k.startswith("eval_") else k
-        if name not in skip and isinstance(v, (int, float)) and math.isfinite(v):
-            out[name] = v
-    if "eval_loss" in (metrics or {}):
-        out["loss"] = metrics["eval_loss"]
-    return out
+def save(cfg: RunConfig, task: tasks.Task, s: Setup, result: dict):
+    out = Path(cfg.output_dir)
+    info = {"base": cfg.model, "base_fingerprint": s.fingerprint, "task": task.name, "num_labels": task.num_labels,
+            "arm": cfg.arm, "seed": cfg.seed, "max_length": cfg.max_length, "final": result["final"]}  # fmt: skip
+    adapters.save_adapter(s.model, out / "adapter", info)
+    (out / "result.json").write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
 
 
 @torch.no_grad()
@@ -292,7 +228,7 @@ def evaluate_adapter(adapter_dir: str, data_dir: str | None = None, max_eval_sam
     model, tokenizer, info = adapters.load_finetuned(adapter_dir, top_k=top_k)
     task = tasks.get_task(info["task"])
     rows = tasks.load_split(task, "validation", data_dir, max_eval_samples, seed=0)
-    ds, order = by_length(encode(task, rows, tokenizer, info.get("max_length", 256)))
+    ds, order = data.by_length(data.encode(task, rows, tokenizer, info.get("max_length", 256)))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8)

@@ -1,0 +1,127 @@
+"""Examples -> token ids -> batches. One home for the train/evaluation split, tokenisation and batching of both engines.
+
+The fast engine pads every batch to one of a few bucket lengths and fills a short last batch with weight-0 copies,
+so that a run sees a handful of shapes (one CUDA graph each) instead of one shape per padded length. Padding never
+truncates (the largest bucket is >= max_length, checked by RunConfig) and never reorders what is recorded:
+evaluation predictions are mapped back to file order by the caller.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import tasks
+from .config import RunConfig
+
+MEGABATCH = 50  # like transformers' LengthGroupedSampler: sort by length within windows of 50 batches
+
+
+class ListDataset(torch.utils.data.Dataset):
+    def __init__(self, items: list[dict]):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def encode(task: tasks.Task, rows: list[tasks.Example], tokenizer, max_length: int) -> ListDataset:
+    texts = [tasks.format_example(task, r) for r in rows]
+    enc = tokenizer(texts, truncation=True, max_length=max_length)
+    items = []
+    for i, r in enumerate(rows):
+        label = float(r.label) if task.is_regression else int(r.label)
+        items.append({"input_ids": enc["input_ids"][i], "attention_mask": enc["attention_mask"][i], "labels": label})
+    return ListDataset(items)
+
+
+def by_length(ds: ListDataset) -> tuple[ListDataset, np.ndarray]:
+    """(the items sorted longest first, order) so that evaluation batches carry little padding; item j of the
+    sorted set is row order[j] of the original."""
+    order = np.argsort([-len(it["input_ids"]) for it in ds.items], kind="stable")
+    return ListDataset([ds.items[i] for i in order]), order
+
+
+def split_rows(cfg: RunConfig, task: tasks.Task):
+    """(train rows, evaluation rows): dev for real runs, a seeded held-out slice of train for lr selection."""
+    train = tasks.load_split(task, "train", cfg.data_dir, cfg.max_train_samples, seed=0)  # same subset for every seed
+    if cfg.holdout_fraction is None:
+        dev = tasks.load_split(task, "validation", cfg.data_dir, cfg.max_eval_samples, seed=0)
+        return train, dev
+    order = np.random.default_rng(12345).permutation(len(train))  # fixed: every arm and lr sees the same slice
+    n_hold = max(1, int(round(cfg.holdout_fraction * len(train))))
+    hold = set(order[:n_hold].tolist())
+    return [r for i, r in enumerate(train) if i not in hold], [r for i, r in enumerate(train) if i in hold]
+
+
+def bucket_of(length: int, buckets: list[int]) -> int:
+    """The smallest bucket that holds `length` tokens."""
+    for b in buckets:
+        if length <= b:
+            return b
+    raise ValueError(f"a sequence of {length} tokens is longer than the largest bucket {buckets[-1]}")
+
+
+def train_order(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """Batches of example indices for one epoch: a seeded shuffle, then sorted by length (longest first) within
+    windows of MEGABATCH batches, so that each batch holds similar lengths. A function of (seed, epoch) alone."""
+    rng = np.random.default_rng([seed, epoch])
+    perm = rng.permutation(len(lengths))
+    lengths = np.asarray(lengths)
+    window = MEGABATCH * batch_size
+    ordered = []
+    for start in range(0, len(perm), window):
+        chunk = perm[start : start + window]
+        ordered.append(chunk[np.argsort(-lengths[chunk], kind="stable")])
+    flat = np.concatenate(ordered) if ordered else perm
+    return [flat[i : i + batch_size] for i in range(0, len(flat), batch_size)]
+
+
+def eval_order(n: int, batch_size: int) -> list[np.ndarray]:
+    """Evaluation batches in dataset order (the caller sorted it by length)."""
+    return [np.arange(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+
+
+@dataclass
+class Batch:
+    """A padded batch of fixed shape: `batch_size` rows of `length` tokens. Rows past the real examples copy the
+    first example and carry weight 0, so they change neither the loss nor the gradients (an all-padding row would
+    make attention produce NaN)."""
+
+    input_ids: torch.Tensor  # (B, L) long, right-padded with pad_id
+    attention_mask: torch.Tensor  # (B, L) long, 1 on real tokens
+    labels: torch.Tensor  # (B,) long (classes) or float (regression)
+    weight: torch.Tensor  # (B,) float, 1 for real examples, 0 for fillers
+    n_real: int
+
+    @property
+    def length(self) -> int:
+        return self.input_ids.shape[1]
+
+    def pinned(self) -> "Batch":
+        return Batch(self.input_ids.pin_memory(), self.attention_mask.pin_memory(), self.labels.pin_memory(),
+                     self.weight.pin_memory(), self.n_real)  # fmt: skip
+
+
+def collate(items: list[dict], indices: np.ndarray, batch_size: int, buckets: list[int], pad_id: int,
+            regression: bool) -> Batch:  # fmt: skip
+    """Pad the examples `indices` of `items` to (batch_size, bucket) tensors on the CPU."""
+    rows = [items[i] for i in indices]
+    length = bucket_of(max(len(r["input_ids"]) for r in rows), buckets)
+    ids = torch.full((batch_size, length), pad_id, dtype=torch.long)  # (B, L)
+    mask = torch.zeros((batch_size, length), dtype=torch.long)  # (B, L)
+    labels = torch.zeros(batch_size, dtype=torch.float32 if regression else torch.long)  # (B,)
+    weight = torch.zeros(batch_size, dtype=torch.float32)  # (B,)
+    for j in range(batch_size):
+        r = rows[j] if j < len(rows) else rows[0]
+        n = len(r["input_ids"])
+        ids[j, :n] = torch.tensor(r["input_ids"])
+        mask[j, :n] = 1
+        labels[j] = r["labels"]
+        weight[j] = 1.0 if j < len(rows) else 0.0
+    return Batch(ids, mask, labels, weight, len(rows))
