@@ -1,175 +1,299 @@
-"""python -m finetune {run,compare,evaluate,merge,analyze}: LoRA fine-tuning of plain and routed Llamas on GLUE.
+"""python -m finetune {run,compare,collect,evaluate,merge,analyze,sweep}: LoRA fine-tuning of plain and routed Llamas
+on GLUE.
 
-Every subcommand's help is the docstring of the function it calls. Bad input is reported as one line on stderr
-with exit code 2, before any model is loaded.
+Each subcommand's flags are generated from its settings dataclass(es) with `transformers.HfArgumentParser`, so every
+default lives in one place: the dataclass. Bad input is one line on stderr and exit code 2, before any model is
+loaded; any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import json
-import shlex
 import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Callable
 
-from . import tasks
-from .train import RunConfig
+from routed_llama import cli as settings_cli
+from routed_llama import io
+from routed_llama.errors import UserError, first_line
 
+from . import adapters, models
+from .config import RunConfig
+from .evaluate import EvaluateSettings
 
-def _recipe_args(p: argparse.ArgumentParser):
-    d = RunConfig()
-    g = p.add_argument_group("recipe (defaults: the reference recipe)")
-    g.add_argument("--task", default=d.task, help=f"GLUE task: {', '.join(tasks.TASKS)}")
-    g.add_argument("--model", default=d.model, help='base model: Hub id, folder, .gguf file or "stand-in"')
-    g.add_argument("--data-dir", default=None, help="local GLUE folder (RTE/train.tsv, ...); default: the Hub")
-    g.add_argument("--max-train-samples", type=int, default=None)
-    g.add_argument("--max-eval-samples", type=int, default=None)
-    g.add_argument("--lr", type=float, default=d.lr)
-    g.add_argument("--epochs", type=float, default=d.epochs)
-    g.add_argument("--batch-size", type=int, default=d.batch_size)
-    g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
-    g.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio)
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    g.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
-    g.add_argument("--lora-r", type=int, default=d.lora_r)
-    g.add_argument("--lora-alpha", type=int, default=d.lora_alpha)
-    g.add_argument("--lora-dropout", type=float, default=d.lora_dropout)
-    g.add_argument("--lora-targets", nargs="+", default=d.lora_targets)
-    g.add_argument("--modules-to-save", nargs="+", default=d.modules_to_save)
-    g.add_argument("--max-length", type=int, default=d.max_length)
-    g.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default=d.precision)
-    g.add_argument("--routing-impl", choices=["mask", "sparse", "auto"], default=None)
-    g.add_argument("--num-workers", type=int, default=0, help="data loader workers")
+PROG = "finetune"
+RECORDED_PROG = "python -m finetune"  # how a command line is recorded in results (provenance)
 
 
-def cmd_run(args):
+class UsageError(UserError):
+    """A flag that does not parse or a settings value its dataclass refuses; `main` prints it as one line."""
+
+    def __init__(self, message: str, prog: str = PROG):
+        super().__init__(message)
+        self.prog = prog
+
+
+class _Repeatable(argparse.Action):
+    """A list flag that may be given several times: `--arm A --arm B` -> [A, B]; the default is replaced, not
+    extended, by the first use."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = namespace.__dict__.setdefault("_repeated", set())
+        before = list(getattr(namespace, self.dest)) if self.dest in given else []
+        given.add(self.dest)
+        setattr(namespace, self.dest, before + list(values))
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Help keeps the docstrings' line breaks and shows every default."""
+
+
+class SettingsParser(settings_cli.SettingsParser):
+    """The project's settings parser (one spelling per flag, `--flag`/`--no-flag` switches) for subcommands: errors
+    raise `UsageError` instead of exiting, list flags are repeatable, positional fields (metadata `positional`, or
+    named in `positional`) take their element type and as many values as a list needs, and every flag's help shows
+    its default."""
+
+    def __init__(self, dataclass_types=(), positional=(), **kwargs):
+        self.positional = set(positional)  # read while the base class adds the fields
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(list(dataclass_types), **kwargs)
+
+    def error(self, message: str):
+        raise UsageError(message, self.prog)
+
+    def _parse_dataclass_field(self, parser: argparse.ArgumentParser, field: dataclasses.Field):
+        meta = dict(field.metadata)
+        meta.setdefault("help", "default: %(default)s" if field.type is not bool else "")
+        elem, many = _element_type(field.type)
+        if meta.pop("positional", False) or field.name in self.positional:
+            has_default = field.default is not dataclasses.MISSING or field.default_factory is not dataclasses.MISSING
+            if has_default:
+                meta["default"] = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default  # fmt: skip
+            nargs = ("*" if has_default else "+") if many else ("?" if has_default else None)
+            parser.add_argument(field.name, type=elem, nargs=nargs, **meta)
+            return
+        if many:
+            meta["action"] = _Repeatable
+        shim = _with_metadata(field, meta)
+        super()._parse_dataclass_field(parser, shim)
+
+
+def _with_metadata(field: dataclasses.Field, metadata: dict) -> dataclasses.Field:
+    """A copy of `field` with other metadata (the dataclass keeps its own field)."""
+    out = dataclasses.field(default=field.default, default_factory=field.default_factory, metadata=metadata)
+    out.name, out.type = field.name, field.type
+    return out
+
+
+def _element_type(tp) -> tuple[type, bool]:
+    """(element type, is a list) of a resolved field type: `list[str]` -> (str, True), `int | None` -> (int, False)."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
+        return _element_type(args[0])
+    if typing.get_origin(tp) is list:
+        return args[0], True
+    return tp, False
+
+
+# --- the recipe: RunConfig less what a comparison sets per run -------------------------------------------------------
+
+PER_RUN = ("arm", "seed", "output_dir", "holdout_fraction")
+
+
+def _recipe_class() -> type:
+    """`Recipe`: RunConfig's fields less the per-run ones, with the same types and defaults (the flags `compare`
+    shares with `run`); `to_config()` is the RunConfig, validated."""
+    hints = typing.get_type_hints(RunConfig)
+    fields = [(f.name, hints[f.name], _with_metadata(f, dict(f.metadata)))
+              for f in dataclasses.fields(RunConfig) if f.name not in PER_RUN]  # fmt: skip
+
+    def to_config(self) -> RunConfig:
+        return RunConfig(**dataclasses.asdict(self)).validate()
+
+    return dataclasses.make_dataclass("Recipe", fields, namespace={"to_config": to_config, "validate": to_config})
+
+
+Recipe = _recipe_class()
+
+
+# --- subcommands ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RoutedArm:
+    """The one flag `run` adds to the recipe."""
+
+    routed: str | None = field(default=None, metadata={"metavar": "CKPT", "help": (
+        "a routed checkpoint folder: the routed arm (sets --model to CKPT, and --arm to 'routed' unless given)")})  # fmt: skip
+
+
+def run(cfg: RunConfig, arm: RoutedArm):
     """One LoRA fine-tune of one arm: the plain model (--model) or a routed checkpoint (--routed CKPT)."""
     from .train import run_one
 
-    cfg = {k: v for k, v in vars(args).items() if k in RunConfig.__dataclass_fields__}
-    if args.routed:
-        cfg.update(model=args.routed, arm=args.arm or "routed")
-    else:
-        cfg["arm"] = args.arm or "baseline"
-    result = run_one(RunConfig(**cfg))
+    if arm.routed is not None:
+        if not models.is_routed_checkpoint(arm.routed):
+            raise models.ModelError(f"--routed {arm.routed}: not a routed checkpoint folder (no config.json with "
+                                    "model_type 'routed_llama')")  # fmt: skip
+        cfg = dataclasses.replace(cfg, model=arm.routed, arm="routed" if cfg.arm == "baseline" else cfg.arm)
+    result = run_one(cfg)
+    keys = ("arm", "seed", "lr", "before", "per_epoch", "final", "final_routing_off", "train_seconds",
+            "train_tokens_per_s", "peak_gpu_mem_bytes")  # fmt: skip
+    print(io.dumps({k: result.get(k) for k in keys}, indent=1), end="")
     m = result["primary_metric"]
-    print(json.dumps({k: result[k] for k in ("arm", "seed", "lr", "before", "per_epoch", "final", "final_routing_off",
-                                             "train_seconds", "train_tokens_per_s", "peak_gpu_mem_bytes")}, indent=1))  # fmt: skip
-    print(f"{result['arm']}: {m} {result['final'][m]:.2f} after {args.epochs:g} epochs ({result['train_seconds']:.1f} s)")
+    print(f"{result['arm']}: {m} {result['final'][m]:.2f} after {cfg.epochs:g} epochs ({result['train_seconds']:.1f} s)")
 
 
-def cmd_compare(args):
-    """Both arms x seeds (x an optional lr grid chosen on a train slice) with identical settings: writes
-    results.json, report.md and curves.png to --output."""
-    from .compare import main_compare
+def compare(settings, recipe, command: str):
+    """Both arms x seeds (x an optional lr grid chosen on a train slice) with one recipe: writes results.json,
+    report.md and curves.png to --output; --resume continues an interrupted comparison."""
+    from .compare import compare as compare_arms, report
 
-    main_compare(args)
+    if settings.command is None:  # record the command line given, not the caller's sys.argv
+        settings.command = command
+    print(report(compare_arms(settings, recipe.to_config(), log=lambda msg: print(msg, flush=True))))
 
 
-def cmd_evaluate(args):
+def collect(settings):
+    """Assemble the comparison report (results.json, report.md, curves.png) from finished runs' result.json files,
+    e.g. those of runs made one by one on several machines."""
+    from .compare import collect as collect_runs, report
+
+    print(report(collect_runs(settings)))
+
+
+def evaluate(settings: EvaluateSettings):
     """Score a saved adapter (over the base it was trained on, checked by fingerprint) on its task's dev set."""
-    from .train import evaluate_adapter
+    from .evaluate import evaluate_adapter
 
-    r = evaluate_adapter(args.adapter, data_dir=args.data_dir, max_eval_samples=args.max_eval_samples, top_k=args.top_k)
-    print(json.dumps({"task": r["task"], "metrics": r["metrics"], "trained_final": r["info"].get("final")}, indent=1))
+    r = evaluate_adapter(settings)
+    print(io.dumps({"task": r["task"], "metrics": r["metrics"], "trained_final": r["info"].get("final")}, indent=1), end="")
 
 
-def cmd_merge(args):
+def merge(settings: adapters.MergeSettings):
     """Merge an adapter into its base and write a standalone checkpoint (remote code included for routed bases)."""
-    from .adapters import merge
-
-    out = merge(args.adapter, args.out_dir, overwrite=args.overwrite)
-    print(f"wrote {out}")
+    print(f"wrote {adapters.merge(settings)}")
 
 
-def cmd_collect(args):
-    """Assemble the comparison report (results.json, report.md, curves.png) from finished runs' result.json
-    files, e.g. those of runs made one by one on several machines."""
-    from pathlib import Path
+def analyze(settings, command: str):
+    """Record which clusters every token keeps in every routed layer (GLUE inputs) and write routing.json, PNGs and
+    summary.md: load, entropy, co-selection, specialisation by task and label, change after fine-tuning."""
+    from .analysis import analyze as analyze_routing
 
-    from .compare import collect, report
-
-    # a folder (e.g. a compare's runs/) is searched for result.json: its adapter folders hold other .json files
-    files = sorted(p for f in args.results for p in ([Path(f)] if Path(f).is_file() else Path(f).rglob("result.json")))
-    summary = collect(files, Path(args.output), args.name, args.command or "", args.jobs, args.notes, args.overwrite,
-                      args.date)
-    print(report(summary))
+    analyze_routing(settings, command=command)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m finetune", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    sub = p.add_subparsers(dest="subcommand", required=True)
+def sweep(settings, command: str):
+    """The pre-registered sweep of a plan file: run its stages (resumably) and write results.json, report.md and
+    the figures from every finished run."""
+    from .sweep import sweep as run_sweep
 
-    r = sub.add_parser("run", help=inspect.getdoc(cmd_run), description=inspect.getdoc(cmd_run))
-    _recipe_args(r)
-    r.add_argument("--routed", default=None, metavar="CKPT", help="a routed checkpoint folder (the routed arm)")
-    r.add_argument("--arm", default=None, help="arm name recorded in the result")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--output-dir", default=None, help="save the adapter and result.json here")
-    r.set_defaults(func=cmd_run)
+    run_sweep(settings, command=command)
 
-    c = sub.add_parser("compare", help=inspect.getdoc(cmd_compare), description=inspect.getdoc(cmd_compare))
-    _recipe_args(c)
-    c.add_argument("--arm", action="append", required=True, metavar="SPEC",
-                   help="a routed arm, e.g. name=last8,layers=22-29,num_experts=32,top_k=16 or name=x,checkpoint=DIR; "
-                        "repeatable. The plain arm 'baseline' is always included.")  # fmt: skip
-    c.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    c.add_argument("--lrs", type=float, nargs="+", default=None,
-                   help="an lr grid; each arm's lr is chosen on a held-out slice of train (not dev)")  # fmt: skip
-    c.add_argument("--lr-holdout", type=float, default=0.1, help="fraction of train held out to choose lr")
-    c.add_argument("--jobs", type=int, default=1, help="runs at a time (separate processes; they share the GPU)")
-    c.add_argument("--output", required=True, help="results folder, e.g. results/rte-standin")
-    c.add_argument("--name", default=None, help="experiment name (default: the output folder's name)")
-    c.add_argument("--checkpoint-dir", default=None, help="where routed arms are converted (default OUTPUT/checkpoints)")
-    c.add_argument("--overwrite", action="store_true")
-    c.add_argument("--command", default=None, help=argparse.SUPPRESS)
-    c.set_defaults(func=cmd_compare)
 
-    k = sub.add_parser("collect", help=inspect.getdoc(cmd_collect), description=inspect.getdoc(cmd_collect))
-    k.add_argument("results", nargs="+", help="result.json files or folders searched for result.json")
-    k.add_argument("--output", required=True)
-    k.add_argument("--name", default=None)
-    k.add_argument("--command", default=None, help="the command that produced the runs, recorded as is")
-    k.add_argument("--jobs", type=int, default=1, help="how many runs shared the device at a time")
-    k.add_argument("--notes", default=None, help="free text recorded in results.json and the report")
-    k.add_argument("--date", default=None, help="when the runs were made (default: from the runs, else now)")
-    k.add_argument("--overwrite", action="store_true")
-    k.set_defaults(func=cmd_collect)
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: the settings dataclasses its flags are generated from, and the function called with one
+    instance of each (and `command=`, the command line as run, where it takes one)."""
 
-    e = sub.add_parser("evaluate", help=inspect.getdoc(cmd_evaluate), description=inspect.getdoc(cmd_evaluate))
-    e.add_argument("adapter")
-    e.add_argument("--data-dir", default=None)
-    e.add_argument("--max-eval-samples", type=int, default=None)
-    e.add_argument("--top-k", type=int, default=None, help="override k of a routed base (k = N: routing off)")
-    e.set_defaults(func=cmd_evaluate)
+    name: str
+    call: Callable
+    settings: tuple[type, ...]
+    positional: tuple[str, ...] = ()  # settings fields given as positional arguments
 
-    m = sub.add_parser("merge", help=inspect.getdoc(cmd_merge), description=inspect.getdoc(cmd_merge))
-    m.add_argument("adapter")
-    m.add_argument("out_dir")
-    m.add_argument("--overwrite", action="store_true")
-    m.set_defaults(func=cmd_merge)
+    @property
+    def doc(self) -> str:
+        return inspect.getdoc(self.call) or ""
 
-    try:
-        from . import analyze
-    except ImportError:
-        analyze = None
-    if analyze is not None and hasattr(analyze, "add_arguments"):
-        a = sub.add_parser("analyze", help=inspect.getdoc(analyze.run), description=inspect.getdoc(analyze.run))
-        analyze.add_arguments(a)
-        a.set_defaults(func=analyze.run)
+
+def commands() -> dict[str, Command]:
+    """Every subcommand, in the order `--help` lists them."""
+    from .analysis import AnalyzeSettings
+    from .compare import CollectSettings, CompareSettings
+    from .sweep import SweepSettings
+
+    table = [Command("run", run, (RunConfig, RoutedArm)), Command("compare", compare, (CompareSettings, Recipe)),
+             Command("collect", collect, (CollectSettings,), positional=("results",)),
+             Command("evaluate", evaluate, (EvaluateSettings,)), Command("merge", merge, (adapters.MergeSettings,)),
+             Command("analyze", analyze, (AnalyzeSettings,)), Command("sweep", sweep, (SweepSettings,))]  # fmt: skip
+    return {c.name: c for c in table}
+
+
+# --- parsing --------------------------------------------------------------------------------------------------------
+
+
+def build_parser(table: dict[str, Command]) -> SettingsParser:
+    """The parser of `python -m finetune`; `.subcommands` maps each subcommand's name to its parser."""
+    p = SettingsParser(prog=PROG, description=__doc__)
+    sub = p.add_subparsers(dest="subcommand", required=True, metavar="{" + ",".join(table) + "}",
+                           parser_class=SettingsParser)  # fmt: skip
+    p.subcommands = {c.name: sub.add_parser(c.name, dataclass_types=c.settings, positional=c.positional,
+                                            help=c.doc.split("\n\n")[0], description=c.doc, prog=f"{PROG} {c.name}")
+                     for c in table.values()}  # fmt: skip
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    args = build_parser().parse_args(argv)
-    if args.subcommand == "compare" and args.command is None:  # record these arguments, not the caller's sys.argv
-        args.command = " ".join(["python -m finetune", shlex.join(argv)])
+@dataclass
+class Parsed:
+    """What one command line asks for: the subcommand, one settings instance per settings dataclass, and the
+    command line as it is recorded in results."""
+
+    command: Command
+    settings: tuple
+    command_line: str
+
+    def __call__(self):
+        takes_command = "command" in inspect.signature(self.command.call).parameters
+        extra = {"command": self.command_line} if takes_command else {}
+        return self.command.call(*self.settings, **extra)
+
+
+def parse_args(argv: list[str]) -> Parsed:
+    """Parse and validate the flags of one command line; reads and writes no file. Bad flags raise `UsageError`
+    (a `UserError`)."""
+    argv = [str(a) for a in argv]
+    table = commands()
+    parser = build_parser(table)
+    if argv and argv[0] in table:  # `--layers -8--1`: a value that starts with '-' is no option of the subcommand
+        argv = argv[:1] + settings_cli.join_dash_values(argv[1:], parser.subcommands[argv[0]])
+    ns, extra = parser.parse_known_args(argv)
+    command = table[ns.subcommand]
+    prog = f"{PROG} {command.name}"
+    if extra:
+        raise UsageError(f"unrecognized arguments: {' '.join(extra)}", prog)
+    settings = []
+    for cls in command.settings:
+        settings.append(_build(cls, {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if f.init}, prog))
+    return Parsed(command, tuple(settings), io.command_line(argv, prog=RECORDED_PROG))
+
+
+def _build(cls, kwargs: dict, prog: str):
+    """One settings instance, validated by its `__post_init__` (and `validate()` where it has one)."""
     try:
-        out = args.func(args)
-    except (ValueError, FileNotFoundError) as exc:  # TaskError, ModelError, AdapterError, ConversionError
-        print(f"finetune {args.subcommand}: error: {exc}", file=sys.stderr)
+        obj = cls(**kwargs)
+        if callable(getattr(obj, "validate", None)):
+            obj.validate()
+    except ValueError as exc:  # UserError, or a ValueError of a check on flag values alone (no file is read)
+        raise UsageError(first_line(exc), prog) from exc
+    return obj
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command line; a `UserError` is printed as one line on stderr and gives exit code 2."""
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    prog = PROG
+    try:
+        parsed = parse_args(argv)
+        prog = f"{PROG} {parsed.command.name}"
+        out = parsed()
+    except UserError as exc:
+        print(f"{getattr(exc, 'prog', prog)}: error: {first_line(exc)}", file=sys.stderr)
         return 2
     return out if isinstance(out, int) else 0
 

@@ -1,7 +1,9 @@
-"""Loading the two arms' models for sequence classification.
+"""Loading the two arms' models for sequence classification, with every loading problem refused in one line.
 
 A model reference is what `convert.py` accepts (a Hub id, a local folder, a .gguf file or "stand-in") or a routed
-checkpoint folder written by `convert.py` (loaded with `trust_remote_code=True`, as users load it).
+checkpoint folder written by `convert.py` (loaded with `trust_remote_code=True`, as users load it). A load that
+reports missing, unexpected or mis-shaped weights, an unreadable weight file or a head with another label count is
+a `ModelError`; the one expected gap is a new `score` head over a causal-LM checkpoint (whose `lm_head` is dropped).
 """
 
 from __future__ import annotations
@@ -12,87 +14,117 @@ from pathlib import Path
 
 import torch
 
-import convert
+from routed_llama import source
+from routed_llama.errors import UserError, first_line
 
 
-class ModelError(ValueError):
+class ModelError(UserError):
     """Bad model input; the command line prints it as one line."""
 
 
+def _config_dict(ref: str | Path) -> dict | None:
+    """The config.json of a local folder as a dict; None when there is no such file (or it is not JSON)."""
+    path = Path(ref) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        cfg = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return cfg if isinstance(cfg, dict) else None
+
+
 def is_routed_checkpoint(ref: str | Path) -> bool:
-    config = Path(ref) / "config.json"
-    if not config.is_file():
-        return False
-    try:
-        return json.loads(config.read_text()).get("model_type") == "routed_llama"
-    except json.JSONDecodeError:
-        return False
+    """True for a local folder whose config.json says model_type "routed_llama" (no model code is run)."""
+    return (_config_dict(ref) or {}).get("model_type") == source.ROUTED_MODEL_TYPE
 
 
-def _source(ref: str) -> convert.Source:
+def saved_num_labels(ref: str | Path) -> int | None:
+    """The number of labels of the classification head a local checkpoint folder holds; None if it holds none."""
+    cfg = _config_dict(ref)
+    return None if cfg is None else source.saved_num_labels(cfg)
+
+
+def _location(ref: str) -> tuple[str, dict, str, dict]:
+    """(path, from_pretrained kwargs, display name, raw config) of a model reference; a plain base must be a
+    Llama, checked on its config before any weights load."""
+    if is_routed_checkpoint(ref):
+        return str(ref), {"trust_remote_code": True}, str(ref), _config_dict(ref)
     try:
-        return convert.resolve_source(ref)
-    except convert.ConversionError as exc:
+        src = source.resolve_source(ref)
+        source.load_base_config(src)
+        return src.path, src.kwargs, src.display, source.read_config_dict(src)
+    except UserError as exc:
         raise ModelError(str(exc)) from None
 
 
 def load_tokenizer(ref: str):
+    """The reference's tokenizer, right-padded, with a pad token (the EOS token where it has none)."""
     from transformers import AutoTokenizer
 
-    if is_routed_checkpoint(ref):
-        tok = AutoTokenizer.from_pretrained(ref, trust_remote_code=True)
-    else:
-        src = _source(ref)
-        with convert._quiet():
-            tok = AutoTokenizer.from_pretrained(src.path, **src.kwargs)
+    path, kwargs, display, _ = _location(ref)
+    try:
+        with source.quiet():
+            tok = AutoTokenizer.from_pretrained(path, **kwargs)
+    except OSError as exc:  # no tokenizer files, an unreadable one
+        raise ModelError(f"cannot load the tokenizer of {display}: {first_line(exc)}") from None
     if tok.pad_token_id is None:  # Llama tokenizers often have none; the classifier finds the last non-pad token
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
     return tok
 
 
-def saved_num_labels(ref: str | Path) -> int | None:
-    """The number of labels of the classification head a local checkpoint folder holds; None if it holds none."""
-    path = Path(ref) / "config.json"
-    if not path.is_file():
-        return None
+def _routed_overrides(raw: dict, ref: str, top_k: int | None, routing_impl: str | None) -> dict:
+    """Config overrides of a routed checkpoint at load time, checked against its config.json."""
+    extra = {}
+    if top_k is not None:
+        n = raw.get("num_experts")
+        if not (isinstance(top_k, int) and isinstance(n, int) and 1 <= top_k <= n):
+            raise ModelError(f"top_k must be an integer in [1, {n}] (the number of clusters of {ref}), got {top_k!r}")
+        extra["num_experts_per_tok"] = top_k
+    if routing_impl is not None:
+        extra["routing_impl"] = routing_impl
+    return extra
+
+
+def _from_pretrained(path: str, display: str, **kwargs):
+    """(model, loading info) of `AutoModelForSequenceClassification`; absent or unreadable weight files raise
+    `ModelError`; mis-shaped weights are reported in the loading info, not raised."""
+    from safetensors import SafetensorError
+    from transformers import AutoModelForSequenceClassification
+
     try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None
-    if not any(str(a).endswith("ForSequenceClassification") for a in cfg.get("architectures") or []):
-        return None
-    return len(cfg["id2label"]) if cfg.get("id2label") else int(cfg.get("num_labels", 2))
+        with source.quiet():
+            return AutoModelForSequenceClassification.from_pretrained(
+                path, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+            )
+    except (OSError, SafetensorError, EOFError) as exc:  # no weight file, a truncated or corrupt one
+        raise ModelError(f"cannot load the weights of {display}: {first_line(exc)}") from None
 
 
 def load_classifier(ref: str, num_labels: int, tokenizer=None, top_k: int | None = None, routing_impl: str | None = None):
     """A `*ForSequenceClassification` in fp32 on the CPU, with `config.pad_token_id` set.
 
-    The `score` head is whatever the checkpoint holds, else freshly initialised; `init_score` makes it a function
-    of the seed so that both arms start from the same head.
+    The `score` head is whatever the checkpoint holds (its label count must be `num_labels`), else freshly
+    initialised; `init_score` makes it a function of the seed so that both arms start from the same head. Every
+    other weight must come from the checkpoint with the shape its config gives.
     """
-    from transformers import AutoModelForSequenceClassification
-
-    saved = saved_num_labels(ref)
-    if saved is not None and saved != num_labels:  # transformers would fail on the score weight's shape
-        raise ModelError(f"{ref} has a classification head with {saved} labels; the task needs num_labels={num_labels}")
-    kwargs = {"num_labels": num_labels, "dtype": torch.float32}
-    if num_labels == 1:
-        kwargs["problem_type"] = "regression"
-    with convert._quiet():
-        if is_routed_checkpoint(ref):
-            extra = {}
-            if top_k is not None:
-                extra["num_experts_per_tok"] = top_k
-            if routing_impl is not None:
-                extra["routing_impl"] = routing_impl
-            model = AutoModelForSequenceClassification.from_pretrained(ref, trust_remote_code=True, **kwargs, **extra)
-        else:
-            src = _source(ref)
-            convert.load_base_config(src)  # a Llama, or one clear error before the weights load
-            model = AutoModelForSequenceClassification.from_pretrained(src.path, **src.kwargs, **kwargs)
-    if getattr(model, "hf_quantizer", None) is not None:  # GGUF: weights arrive dequantised
-        model.hf_quantizer.remove_quantization_config(model)
+    path, kwargs, display, raw = _location(ref)
+    saved = source.saved_num_labels(raw)
+    if saved is not None and saved != num_labels:  # caught here: transformers would only see a shape mismatch
+        raise ModelError(f"{display} has a classification head with {saved} labels; the task needs num_labels={num_labels}")
+    if is_routed_checkpoint(ref):
+        kwargs = {**kwargs, **_routed_overrides(raw, display, top_k, routing_impl)}
+    elif top_k is not None:  # (a routing_impl is ignored: a recipe shares it between the plain and routed arms)
+        raise ModelError(f"{display} is not a routed checkpoint: top_k applies to routed ones only")
+    extra = {"problem_type": "regression"} if num_labels == 1 else {}
+    model, info = _from_pretrained(path, display, num_labels=num_labels, dtype=torch.float32, **kwargs, **extra)
+    new, dropped = source.head_exceptions("sequence-classification", raw, bool(model.config.tie_word_embeddings))
+    try:
+        source.check_loading_info(info, display, new, dropped)
+    except UserError as exc:
+        raise ModelError(str(exc)) from None
+    source.remove_quantization(model)  # GGUF: the weights arrived dequantised
     if model.config.pad_token_id is None:
         tok = tokenizer if tokenizer is not None else load_tokenizer(ref)
         model.config.pad_token_id = tok.pad_token_id

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from routed_llama.errors import UserError
+
 
 @dataclass(frozen=True)
 class Task:
@@ -60,7 +62,7 @@ TASKS: dict[str, Task] = {
 ALIASES = {"sst-2": "sst2", "sts-b": "stsb"}
 
 
-class TaskError(ValueError):
+class TaskError(UserError):
     """Bad task or data input; the command line prints it as one line."""
 
 
