@@ -194,6 +194,75 @@ def test_paired_change_by_hand():
     assert S.kept_overlap(SEL, np.array([[0, 3], [0, 2], [2, 3], [1, 2]]), 4) == pytest.approx((1 + 2 + 0 + 0) / 8)
 
 
+def test_permutation_test_agrees_with_scipy_exact_enumeration():
+    # scipy.stats.permutation_test enumerates all C(10, 5) = 252 regroupings; ours samples 4999 with its own seeded
+    # stream (and also needs strata and per-cluster max-T, which scipy does not offer), so only the p-values agree
+    from scipy.stats import permutation_test as scipy_permutation_test
+
+    rng = np.random.default_rng(3)
+    counts = rng.poisson(4.0, size=(10, 2, 5)).astype(float)
+    counts[:5, :, 0] += 1.5  # a weak difference between the two groups
+    groups = np.repeat([0, 1], 5)
+
+    def tv(a, b):  # a, b: example indices of the two groups
+        return S.usage_distance(np.stack([counts[a].sum(0), counts[b].sum(0)]), "tv").sum()
+
+    exact = scipy_permutation_test(
+        (np.arange(5), np.arange(5, 10)), tv, permutation_type="independent", n_resamples=np.inf, alternative="greater"
+    )
+    ours = S.permutation_test(counts, groups, n_permutations=4999, seed=0)
+    assert ours.observed == pytest.approx(exact.statistic)
+    assert 0.05 < exact.pvalue < 0.95 and ours.p_value == pytest.approx(exact.pvalue, abs=0.02)
+
+
+def test_paired_change_test_agrees_with_scipy_exact_enumeration():
+    # paired: scipy swaps the two models within each example, all 2**8 ways; ours flips signs at random
+    from scipy.stats import permutation_test as scipy_permutation_test
+
+    rng = np.random.default_rng(4)
+    base = rng.poisson(3.0, size=(8, 1, 4)).astype(float)
+    new = base.copy()
+    for e in range(8):  # each example moves one selection between clusters, mostly from cluster 0 to cluster 1
+        src, dst = (0, 1) if e % 4 else (1, 0)
+        if new[e, 0, src] > 0:
+            new[e, 0, src] -= 1
+            new[e, 0, dst] += 1
+    both = np.concatenate([base, new])  # index e: base of example e, 8 + e: new of example e
+
+    def tv(a, b):
+        delta = (both[b].sum(0) - both[a].sum(0)) / base.sum(axis=(0, 2))[:, None]
+        return 0.5 * np.abs(delta).sum()
+
+    exact = scipy_permutation_test(
+        (np.arange(8), np.arange(8, 16)), tv, permutation_type="samples", n_resamples=np.inf, alternative="greater"
+    )
+    ours = S.paired_change_test(base, new, n_permutations=3999, seed=0)
+    assert ours["tv"] == pytest.approx(exact.statistic)
+    assert 0.05 < exact.pvalue < 0.95 and ours["p_value"] == pytest.approx(exact.pvalue, abs=0.02)
+
+
+def test_settings_are_checked_on_construction_without_touching_files(tmp_path):
+    s = AnalyzeSettings(out=str(tmp_path / "o"), checkpoint=str(tmp_path / "missing"), tasks=("rte", "sst-2"))
+    assert s.tasks == ["rte", "sst-2"] and s.options.n_permutations == 1000 and not (tmp_path / "o").exists()
+    for kwargs, message in (
+        ({"statistic": "gini"}, "--statistic must be one of tv, chi2"),
+        ({"split": "test"}, "--split must be one of validation, train"),
+        ({"tasks": ["sst2", "sst-2"]}, "lists a task twice"),
+        ({"tasks": []}, "selects no task"),
+        ({"n_permutations": -1}, "--n-permutations must be >= 0"),
+        ({"batch_size": 0}, "--batch-size must be >= 1"),
+        ({"max_examples": 0}, "--max-examples must be >= 1"),
+    ):
+        with pytest.raises(AnalysisError, match=message):
+            AnalyzeSettings(out="o", **kwargs)
+    from routed_llama.cli import parse_settings
+    from routed_llama.errors import UserError
+
+    assert issubclass(AnalysisError, UserError)
+    parsed = parse_settings(AnalyzeSettings, ["--out", "o", "--coselection-layers", "1", "2", "--no-progress"])
+    assert parsed.coselection_layers == [1, 2] and parsed.progress is False and parsed.tasks == ["rte", "sst2", "cola"]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Recording on a synthetic router whose choices are known by construction
 # ---------------------------------------------------------------------------------------------------------------
@@ -631,6 +700,24 @@ def test_settings_can_be_wired_into_another_cli(tiny, glue, tmp_path, capsys):
     assert r == report
     assert r["specialisation"]["all"]["by_task"]["p_value"] is None  # no permutations asked for
     assert r["n_examples"] == 8
+
+
+def test_a_run_that_fails_while_writing_keeps_the_old_report(tiny, glue, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "r"
+    argv = ["--checkpoint", tiny["routed"], "--tasks", "sst2", "cola", "--data-dir", glue, "--max-examples", 3]
+    rc, _, err = _run([*argv, "--n-permutations", 0, "--out", out, "--no-progress"], capsys)
+    assert rc == 0, err
+    before = (out / "routing.json").read_text()
+    assert "NaN" not in before and "Infinity" not in before  # strict JSON
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "summary_markdown", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main([str(a) for a in [*argv, "--n-permutations", 5, "--out", out, "--no-progress", "--overwrite"]])
+    assert (out / "routing.json").read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]  # no temporary folder left beside it
 
 
 def test_real_glue_rows_are_read_through_finetune_tasks(glue_dir):
