@@ -1,11 +1,12 @@
-"""finetune/tasks.py: the local GLUE loaders against the counts in shared/data/README.md, label checks, metrics.
+"""finetune/tasks.py: the local GLUE loaders, label checks, metrics.
 
-The loader tests read the verified GLUE copies ($ROUTED_LLAMA_SHARED/data/glue) and skip where they are absent; the
-rest runs on hand-made rows.
+The loaders are tested on tiny GLUE folders written here (every task's file layout), and against the counts in
+shared/data/README.md on the verified GLUE copies ($ROUTED_LLAMA_SHARED/data/glue), which skip where those are absent.
 """
 
 import math
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -88,6 +89,67 @@ def test_max_samples_is_a_seeded_subset_in_file_order(glue_dir):
     assert len(tasks.load_split(task, "validation", glue_dir, max_samples=10_000)) == 277
     with pytest.raises(TaskError, match="split must be"):
         tasks.load_split(task, "test", glue_dir)
+
+
+# --- tiny GLUE folders in each task's layout (no ../shared needed) -------------------------------------------------
+
+TINY = {  # folder/file -> text, in the layouts of the GLUE download (MRPC: a byte-order mark; CoLA: no header)
+    "RTE/train.tsv": "index\tsentence1\tsentence2\tlabel\n0\t\"Quoted\" start, no closing\tit rains\tentailment\n"
+                     "1\tA dog.\tA cat.\tnot_entailment\n",
+    "RTE/dev.tsv": "index\tsentence1\tsentence2\tlabel\n0\tP\tH\tnot_entailment\n",
+    "MRPC/train.tsv": "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t7\t8\tShe left .\tShe went away .\n",
+    "CoLA/train.tsv": "gj04\t1\t\tThe sailors rode the breeze clear of the rocks.\ngj04\t0\t*\tThe more.\n",
+    "SST-2/train.tsv": "sentence\tlabel\nit 's a charming journey \t1\n",
+    "STS-B/train.tsv": "index\tgenre\tsentence1\tsentence2\tscore\n0\tmain\tA man.\tA person.\t3.800\n",
+    "WNLI/train.tsv": "index\tsentence1\tsentence2\tlabel\n0\tI stuck a pin.\tThe pin had a hole.\t0\n",
+    "QNLI/dev.tsv": "index\tquestion\tsentence\tlabel\n0\tWhen?\tThen.\tnot_entailment\n",
+}
+
+
+@pytest.fixture
+def tiny_glue(tmp_path):
+    for name, text in TINY.items():
+        _write(tmp_path / Path(name).parent, Path(name).name, text)
+    return tmp_path
+
+
+def test_tiny_folders_read_verbatim(tiny_glue):
+    def split(task, name="train"):
+        return tasks.load_split(tasks.get_task(task), name, tiny_glue)
+
+    rte = split("rte")
+    assert [r.texts for r in rte] == [('"Quoted" start, no closing', "it rains"), ("A dog.", "A cat.")]
+    assert [r.label for r in rte] == [0, 1] and [r.idx for r in rte] == [0, 1]  # the quote swallowed nothing
+    assert split("rte", "validation")[0].label == 1
+    mrpc = split("mrpc")[0]
+    assert (mrpc.texts, mrpc.label) == (("She left .", "She went away ."), 1)
+    cola = split("cola")  # no header: the first line is a row
+    assert [(r.texts, r.label) for r in cola] == [(("The sailors rode the breeze clear of the rocks.",), 1),
+                                                  (("The more.",), 0)]  # fmt: skip
+    assert split("sst2")[0].texts == ("it 's a charming journey ",)  # kept as written, trailing space included
+    stsb = split("stsb")[0]
+    assert stsb.label == 3.8 and isinstance(stsb.label, float)
+    assert split("wnli")[0].label == 0
+    assert split("qnli", "validation")[0].label == 1
+    with pytest.raises(TaskError, match=r"missing data file .*QNLI/train\.tsv \(qnli train split\)"):
+        split("qnli")
+    task = tasks.get_task("rte")
+    assert tasks.format_example(task, rte[1]) == "Premise: A dog.\nHypothesis: A cat."
+
+
+def test_tiny_max_samples_is_a_seeded_subset_in_file_order(tmp_path):
+    rows = "".join(f"{i}\tp{i}\th{i}\t{'entailment' if i % 3 else 'not_entailment'}\n" for i in range(40))
+    _write(tmp_path / "RTE", "dev.tsv", "index\tsentence1\tsentence2\tlabel\n" + rows)
+    task = tasks.get_task("rte")
+    full = tasks.load_split(task, "validation", tmp_path)
+    a, b = (tasks.load_split(task, "validation", tmp_path, max_samples=8, seed=0) for _ in range(2))
+    c = tasks.load_split(task, "validation", tmp_path, max_samples=8, seed=1)
+    assert len(a) == 8 and [r.idx for r in a] == [r.idx for r in b] == sorted(r.idx for r in a)
+    assert [r.idx for r in a] != [r.idx for r in c]
+    assert all(full[r.idx] == r for r in a)
+    assert len(tasks.load_split(task, "validation", tmp_path, max_samples=10_000)) == 40
+    with pytest.raises(TaskError, match="max samples must be >= 1"):
+        tasks.load_split(task, "validation", tmp_path, max_samples=0)
 
 
 def test_get_task_names_and_errors():
