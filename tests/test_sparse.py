@@ -1,5 +1,7 @@
 """The sparse implementations compute what the "mask" reference computes: grouped PyTorch (`forward_sparse`), at the
-FFN and the model level, and the Triton kernels under Triton's CPU interpreter."""
+FFN and the model level, and the Triton kernels under Triton's CPU interpreter (every multiply mode, both routers,
+both reductions, fp32 and bf16, uneven clusters, N not a power of two, 1-8 tokens). Also: which implementation
+"auto" and "sparse" pick, and `fast_generate` against `generate`."""
 
 import importlib.util
 import json
@@ -172,8 +174,12 @@ def test_standin_generate_mask_and_sparse_same_tokens(standin_converted, count_s
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Triton kernels under the CPU interpreter
+# Triton kernels under the CPU interpreter (a subprocess: TRITON_INTERPRET must be set before triton loads)
 # ---------------------------------------------------------------------------------------------------------------
+
+# Tolerances, as max |out - ref| / max |ref|. fp32: the kernels sum in another order than cuBLAS/CPU matmuls. bf16: the
+# kernels keep h and the sums in fp32 and round once, against an fp32 reference on the same bf16-rounded weights.
+TRITON_TOL = {"float32": 1e-5, "bfloat16": 1e-2}
 
 TRITON_SCRIPT = textwrap.dedent(
     """
@@ -185,44 +191,183 @@ TRITON_SCRIPT = textwrap.dedent(
     import modeling_routed_llama as mrl
     from test_sparse import routed_ffn
 
-    assert mrl.triton is not None
-    tiles = dict(BLOCK_R=16, BLOCK_K=32, BLOCK_H=16, BLOCK_C=16, SPLIT=3, warps_gu=4, warps_d=4)
+    assert mrl.triton is not None and mrl.TRITON_INTERPRET
+    # several tiles with masked edges (H = 48, I = 100), and a split of down over column tiles
+    small = dict(BLOCK_R=32, BLOCK_K=32, BLOCK_H=32, BLOCK_C=32, SPLIT=2)
+    # (mode, tokens, reduce, k): every mode, 1-8 tokens, both reductions
+    cases = [("gemv1", 1, "split", 3), ("gemv1", 1, "atomic", 1), ("gemv", 2, "split", 3), ("gemv", 4, "atomic", 3),
+             ("dot", 5, "split", 3), ("dot", 8, "atomic", 3), ("dot", 8, "split", 1)]
     results = []
-    for offsets in ([0, 7, 30, 31, 55, 80, 100], [0, 24, 48, 72, 96]):  # uneven N = 6, even N = 4
-        n = len(offsets) - 1
-        for k in sorted({1, 3, n}):
-            mlp = routed_ffn("centroid", k, offsets=offsets, seed=k)
-            for m in (1, 3, 8, 16):
-                x = torch.randn(m, 48)  # (M, H) on the CPU: only the interpreter can run these kernels
+    for router in ("centroid", "activation"):
+        for dtype in (torch.float32, torch.bfloat16):
+            mlp = routed_ffn(router, 3).to(dtype)  # N = 6 uneven clusters
+            ref_mlp = routed_ffn(router, 3).to(dtype).float()  # the same rounded weights, computed in fp32
+            for mode, m, reduce, k in cases:
+                for layer in (mlp, ref_mlp):
+                    layer.router.top_k = k
+                x = torch.randn(m, 48).to(dtype)  # (M, H)
                 with torch.no_grad():
-                    ref = mlp.forward_mask(x)
+                    ref = ref_mlp.forward_mask(x.float())
                     out = mrl.triton_routed_ffn(
-                        x, mlp.router.centroids, mlp.router.expert_offsets, mlp.gate_proj.weight, mlp.up_proj.weight,
-                        mlp.down_proj.weight, k, mlp._max_cluster_size, tiles=tiles,
+                        x, w_gate=mlp.gate_proj.weight, w_up=mlp.up_proj.weight, w_down=mlp.down_proj.weight,
+                        row_cluster=mlp.router.row_cluster(100), top_k=k, offsets=mlp.router.expert_offsets,
+                        centroids=mlp.router.centroids if router == "centroid" else None,
+                        tiles={**small, "mode": mode, "reduce": reduce},
                     )
-                results.append(dict(n=n, k=k, m=m, shape=list(out.shape), dtype=str(out.dtype),
-                                    diff=(out - ref).abs().max().item(), ref_scale=ref.abs().max().item()))
-    print("RESULTS " + json.dumps(results))
+                results.append(dict(router=router, dtype=str(dtype).split(".")[1], mode=mode, m=m, k=k, reduce=reduce,
+                                    shape=list(out.shape), out_dtype=str(out.dtype),
+                                    err=((out.float() - ref).abs().max() / ref.abs().max()).item()))
+    print("KERNELS " + json.dumps(results))
     """
 )
 
 
-def test_triton_kernels_equal_forward_mask_in_interpreter(tmp_path):
-    """triton_routed_ffn (fp32, Triton CPU interpreter) equals forward_mask within 1e-5 for uneven and even clusters,
-    k in {1, 3, N} and M in {1, 3, 8, 16}. Runs in a subprocess: TRITON_INTERPRET must be set before triton loads."""
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory) -> dict:
+    """Runs TRITON_SCRIPT then MODEL_SCRIPT with TRITON_INTERPRET=1 in one fresh interpreter (it must be set before
+    triton loads); returns the JSON each printed, under "KERNELS" and "MODEL"."""
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["TRITON_INTERPRET"] = "1"
-    script = tmp_path / "triton_check.py"
-    script.write_text(TRITON_SCRIPT)
-    proc = subprocess.run([sys.executable, str(script), str(ROOT), str(ROOT / "tests")], env=env, cwd=tmp_path,
+    tmp = tmp_path_factory.mktemp("triton")
+    path = tmp / "triton_check.py"
+    path.write_text(TRITON_SCRIPT + MODEL_SCRIPT)
+    proc = subprocess.run([sys.executable, str(path), str(ROOT), str(ROOT / "tests")], env=env, cwd=tmp,
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS "))
-    results = json.loads(line[len("RESULTS ") :])
-    assert len(results) == 2 * 3 * 4  # N = 6: k in {1, 3, 6}; N = 4: k in {1, 3, 4}; 4 values of M each
+    found = {}
+    for line in proc.stdout.splitlines():
+        label, _, payload = line.partition(" ")
+        if label in ("KERNELS", "MODEL"):
+            found[label] = json.loads(payload)
+    return found
+
+
+def test_triton_kernels_equal_forward_mask_in_interpreter(interpreted):
+    """triton_routed_ffn equals forward_mask for N = 6 uneven clusters (sizes 1 to 25), H = 48 and I = 100 (not
+    multiples of the tiles), both routers, fp32 and bf16, every multiply mode with 1-8 tokens, both reductions and
+    k in {1, 3}; tolerances in TRITON_TOL."""
+    results = interpreted["KERNELS"]
+    assert len(results) == 2 * 2 * 7
     for r in results:
-        assert r["shape"] == [r["m"], 48] and r["dtype"] == "torch.float32"
-        assert r["ref_scale"] > 0.1
-        assert r["diff"] <= TOL, r
+        assert r["shape"] == [r["m"], 48] and r["out_dtype"] == f"torch.{r['dtype']}"
+        assert r["err"] <= TRITON_TOL[r["dtype"]], r
+
+
+MODEL_SCRIPT = textwrap.dedent(
+    """
+    from conftest import routing_spec, tiny_llama_config
+    from routed_llama.surgery import route_dense_model
+    from transformers import LlamaForCausalLM
+    import modeling_routed_llama as mrl
+
+    for tiles in mrl.TRITON_TILES.values():  # fewer, larger tiles: the interpreter's cost is per program
+        tiles.update(BLOCK_R=32, BLOCK_K=64, BLOCK_H=64, BLOCK_C=128)
+    calls = []
+    original = mrl.triton_routed_ffn
+    mrl.triton_routed_ffn = lambda x, **kw: calls.append(x.shape[0]) or original(x, **kw)
+    results = []
+    for router in ("centroid",):  # the kernels' activation-router path is compared with the reference above
+        torch.manual_seed(0)
+        dense = LlamaForCausalLM(tiny_llama_config(initializer_range=0.1, intermediate_size=100)).eval()
+        model = route_dense_model(dense, routing_spec(dense, 7, 3, router=router), progress=False)[0].eval()
+        ids = torch.randint(1, 128, (2, 5))  # (B, T)
+        out = {}
+        for impl in ("mask", "sparse"):
+            model.config.routing_impl = impl
+            calls.clear()
+            out[impl] = model.fast_generate(ids, max_new_tokens=4, eos_token_id=[]).tolist()
+            out[impl + "_calls"] = list(calls)
+        results.append(dict(router=router, **out))
+    print("MODEL " + json.dumps(results))
+    """
+)
+
+
+def test_triton_path_generates_mask_tokens_in_interpreter(interpreted):
+    """A tiny routed model (3 layers, N = 7 clusters of I = 100, k = 3) decodes the same greedy tokens with
+    routing_impl 'mask' and 'sparse' (whose Triton kernels run the 10-token prefill and the 2-token decode steps),
+    with the centroid router."""
+    results = interpreted["MODEL"]
+    assert [r["router"] for r in results] == ["centroid"]
+    for r in results:
+        assert r["mask_calls"] == []
+        assert r["sparse_calls"] == [10] * 3 + [2] * 3 * 3  # 3 routed layers: prefill (B * T), then 3 decode steps
+        assert r["sparse"] == r["mask"], r["router"]
+        assert len(r["mask"]) == 2 and len(r["mask"][0]) == 5 + 4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Which implementation runs, and the decode helper
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "impl, tokens, interpret, grad, bias, expected",
+    [
+        ("auto", 1, False, False, False, "mask"),  # CPU: auto never leaves the reference
+        ("auto", 1, True, False, False, "mask"),  # not even where the interpreter could run the kernels
+        ("sparse", 1, False, False, False, "sparse"),  # CPU without the interpreter: grouped PyTorch
+        ("sparse", 8, True, False, False, "triton"),
+        ("sparse", 16, True, False, False, "triton"),
+        ("sparse", 17, True, False, False, "sparse"),  # more than TRITON_MAX_TOKENS
+        ("sparse", 4, True, True, False, "sparse"),  # gradients: the kernels have no backward
+        ("sparse", 4, True, False, True, "sparse"),  # mlp_bias: the kernels have no bias terms
+        ("mask", 1, True, False, False, "mask"),
+    ],
+)
+def test_pick_impl(impl, tokens, interpret, grad, bias, expected, monkeypatch):
+    """pick_impl follows its documented rules for routing_impl, token count, gradients and bias."""
+    monkeypatch.setattr(mrl, "TRITON_INTERPRET", interpret)
+    if mrl.triton is None and expected == "triton":
+        pytest.skip("triton is not installed")
+    mlp = routed_ffn("centroid", 3, bias=bias)
+    mlp.config.routing_impl = impl
+    x = torch.randn(tokens, H)
+    with torch.set_grad_enabled(grad):
+        assert mlp.pick_impl(x) == expected
+
+
+def test_auto_uses_triton_only_on_cuda():
+    """auto_uses_triton is False for CPU tensors of any size (the CUDA rules are checked by benchmarks/check_gpu.py)."""
+    assert not mrl.auto_uses_triton(torch.zeros(1, H))
+    assert not mrl.auto_uses_triton(torch.zeros(mrl.AUTO_TRITON_MAX_TOKENS + 1, H))
+
+
+@pytest.fixture(scope="module")
+def tiny_routed_lm():
+    """A tiny routed causal LM (3 layers, N = 5, k = 2) built from a random dense Llama, mask path."""
+    from routed_llama.surgery import route_dense_model
+    from conftest import routing_spec
+
+    torch.manual_seed(0)
+    dense = LlamaForCausalLM(tiny_llama_config(initializer_range=0.1)).eval()
+    model = route_dense_model(dense, routing_spec(dense, 5, 2), progress=False)[0].eval()
+    model.config.routing_impl = "mask"
+    return model
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_fast_generate_equals_generate(tiny_routed_lm, batch):
+    """fast_generate gives generate's greedy tokens: without EOS, and with an EOS that one row produces early (that row
+    continues with the pad token; decoding stops when every row has finished). A second call reuses the step."""
+    model = tiny_routed_lm
+    ids = torch.randint(1, 128, (batch, 6))
+    with torch.no_grad():
+        plain = model.generate(ids, do_sample=False, max_new_tokens=12, eos_token_id=None)
+    assert torch.equal(model.fast_generate(ids, 12, eos_token_id=[]), plain)
+    step = model._greedy_step
+    eos = int(plain[0, 6 + 3])  # row 0's 4th new token
+    with torch.no_grad():
+        stopped = model.generate(ids, do_sample=False, max_new_tokens=12, eos_token_id=eos, pad_token_id=0)
+    model.generation_config.pad_token_id = 0
+    assert torch.equal(model.fast_generate(ids, 12, eos_token_id=eos), stopped)
+    assert model._greedy_step is step  # same batch and cache length: the cached step was reset and reused
+
+
+def test_fast_generate_refuses_bad_arguments(tiny_routed_lm):
+    with pytest.raises(ValueError, match="max_new_tokens must be a positive integer"):
+        tiny_routed_lm.fast_generate(torch.ones(1, 3, dtype=torch.long), 0)
+    with pytest.raises(ValueError, match=r"input_ids must be \(batch, length\)"):
+        tiny_routed_lm.fast_generate(torch.ones(3, dtype=torch.long), 4)
