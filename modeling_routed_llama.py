@@ -578,7 +578,7 @@ class GreedyDecodeStep:
         from transformers import StaticCache
 
         self.model = model
-        self.key = (batch, max_cache_len, model.device, model.dtype, cuda_graph)
+        self.key = None  # set by the owner: what this step was built for
         self.cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=model.device)  # (B, 1) the step's static input
         self.graph = None
@@ -714,8 +714,9 @@ class RoutedLlamaForCausalLM(RoutedLlamaPreTrainedModel, LlamaForCausalLM):
         The prompt is prefilled into a StaticCache; each further token is one decode step, replayed from a CUDA
         graph on CUDA (`cuda_graph=None` means "on CUDA"). With routing_impl "auto" or "sparse", decode steps of up to
         AUTO_TRITON_MAX_TOKENS (resp. TRITON_MAX_TOKENS) sequences run the Triton kernels that read only the kept
-        clusters. The graph and cache are kept for the next call with the same batch size and cache length (the
-        length is rounded up to a multiple of 128); the first call of a shape pays for one capture.
+        clusters. The graph and cache are kept for the next call with the same batch size, cache length (rounded up
+        to a multiple of 128), k and routing_impl; the first call of a shape pays for one capture
+        (`clear_fast_generate` frees them).
 
         Limits: greedy only (sampling and logits processors in `generation_config` are ignored); no padding
         (all rows of input_ids (B, T) are real tokens). Like `generate`, a row that produced an EOS token
@@ -748,13 +749,21 @@ class RoutedLlamaForCausalLM(RoutedLlamaPreTrainedModel, LlamaForCausalLM):
         return torch.cat([input_ids, _trim_after_eos(out[:, : i + 1], eos)], dim=1)
 
     def _decode_step(self, batch: int, max_cache_len: int, cuda_graph: bool) -> GreedyDecodeStep:
-        key = (batch, max_cache_len, self.device, self.dtype, cuda_graph)
+        # a captured graph holds k and the implementation as they were at capture: they are part of the key
+        routing = tuple((i, m.router.top_k) for i, m in self.model.routed_mlps().items()), self.config.routing_impl
+        key = (batch, max_cache_len, self.device, self.dtype, cuda_graph, routing)
         if self._greedy_step is not None and self._greedy_step.key == key:
             self._greedy_step.reset()
         else:
-            self._greedy_step = None  # free the old graph and cache before allocating new ones
+            self.clear_fast_generate()  # free the old graph and cache before allocating new ones
             self._greedy_step = GreedyDecodeStep(self, batch, max_cache_len, cuda_graph)
+            self._greedy_step.key = key
         return self._greedy_step
+
+    def clear_fast_generate(self):
+        """Drop the CUDA graph and cache that `fast_generate` keeps. Needed after replacing weight tensors (a graph
+        reads the tensors it was captured with; in-place updates such as `load_state_dict` are seen)."""
+        self._greedy_step = None
 
 
 class RoutedLlamaForSequenceClassification(RoutedLlamaPreTrainedModel, LlamaForSequenceClassification):

@@ -364,6 +364,12 @@ def test_fast_generate_equals_generate(tiny_routed_lm, batch):
     model.generation_config.pad_token_id = 0
     assert torch.equal(model.fast_generate(ids, 12, eos_token_id=eos), stopped)
     assert model._greedy_step is step  # same batch and cache length: the cached step was reset and reused
+    model.model.set_top_k(3)  # k is part of what the cached step was built for
+    with torch.no_grad():
+        k3 = model.generate(ids, do_sample=False, max_new_tokens=12, eos_token_id=None)
+    assert torch.equal(model.fast_generate(ids, 12, eos_token_id=[]), k3)
+    assert model._greedy_step is not step
+    model.model.set_top_k(2)
 
 
 def test_fast_generate_refuses_bad_arguments(tiny_routed_lm):
