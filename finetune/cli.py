@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
-import json
 import sys
 import types
 import typing
@@ -69,7 +68,6 @@ class SettingsParser(settings_cli.SettingsParser):
 
     def _parse_dataclass_field(self, parser: argparse.ArgumentParser, field: dataclasses.Field):
         meta = dict(field.metadata)
-        meta.setdefault("help", "default: %(default)s" if field.type is not bool else "")
         elem, many = _element_type(field.type)
         if meta.pop("positional", False) or field.name in self.positional:
             has_default = field.default is not dataclasses.MISSING or field.default_factory is not dataclasses.MISSING
@@ -78,6 +76,7 @@ class SettingsParser(settings_cli.SettingsParser):
             nargs = ("*" if has_default else "+") if many else ("?" if has_default else None)
             parser.add_argument(field.name, type=elem, nargs=nargs, **meta)
             return
+        meta.setdefault("help", "default: %(default)s" if field.type is not bool else "")
         if many:
             meta["action"] = _Repeatable
         shim = _with_metadata(field, meta)
@@ -257,9 +256,10 @@ class Parsed:
 def parse_args(argv: list[str]) -> Parsed:
     """Parse and validate the flags of one command line; reads and writes no file. Bad flags raise `UsageError`
     (a `UserError`)."""
-    argv = [str(a) for a in argv]
+    given = [str(a) for a in argv]
     table = commands()
     parser = build_parser(table)
+    argv = given
     if argv and argv[0] in table:  # `--layers -8--1`: a value that starts with '-' is no option of the subcommand
         argv = argv[:1] + settings_cli.join_dash_values(argv[1:], parser.subcommands[argv[0]])
     ns, extra = parser.parse_known_args(argv)
@@ -270,7 +270,7 @@ def parse_args(argv: list[str]) -> Parsed:
     settings = []
     for cls in command.settings:
         settings.append(_build(cls, {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if f.init}, prog))
-    return Parsed(command, tuple(settings), io.command_line(argv, prog=RECORDED_PROG))
+    return Parsed(command, tuple(settings), io.command_line(given, prog=RECORDED_PROG))
 
 
 def _build(cls, kwargs: dict, prog: str):

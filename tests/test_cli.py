@@ -59,7 +59,8 @@ def test_run(no_model):
                             buckets=[64, 256], eval_routing_off=False, lora_targets=["q_proj", "k_proj"])  # fmt: skip
     assert arm.routed == "out/routed"
     # a value that begins with '-' but is no flag is a value (argparse alone would take it for an option)
-    assert cli.parse_args(["run", "--data-dir", "-8--1"]).settings[0].data_dir == "-8--1"
+    parsed = cli.parse_args(["run", "--data-dir", "-8--1"])
+    assert parsed.settings[0].data_dir == "-8--1" and parsed.command_line == "python -m finetune run --data-dir -8--1"
 
 
 def test_compare(no_model):
