@@ -28,14 +28,9 @@ from pathlib import Path
 from . import tasks
 from .config import RunConfig
 
-try:  # the library's shared error type, once it exists
-    from routed_llama.errors import UserError
-except ImportError:  # pragma: no cover - until routed_llama/ lands
+from routed_llama.errors import UserError
 
-    class UserError(ValueError):
-        """Bad input: the command line prints it as one line and exits with code 2."""
-
-
+PROG = "python -m finetune sweep"
 PLAN_FORMAT = "routed-llama-sweep-plan/1"
 PLAIN = "plain"
 STAGES = ("lr", "round1", "confirmation")
@@ -58,8 +53,9 @@ class SweepSettings:
     resume: bool = field(default=False, metadata={"help": "keep finished runs in OUTPUT and redo interrupted ones"})
     jobs: int = field(default=1, metadata={"help": "runs at a time (separate processes sharing the device)"})
     only_stage: list[str] = field(default_factory=lambda: list(STAGES),
-                                  metadata={"help": f"run only these stages ({', '.join(STAGES)}); the report "
-                                                    "always covers every finished run"})  # fmt: skip
+                                  metadata={"help": f"run only these stages ({', '.join(STAGES)}; 'report': run "
+                                                    "nothing, rewrite the report); the report always covers every "
+                                                    "finished run"})  # fmt: skip
     data_dir: str | None = field(default=None, metadata={"help": "local GLUE folder (default: the plan's data_dir)"})
     checkpoint_dir: str = field(default="outputs/sweep-checkpoints",
                                 metadata={"help": "where each routed config is converted once (reused when there)"})
@@ -68,9 +64,9 @@ class SweepSettings:
 
     def __post_init__(self):
         self.only_stage = list(self.only_stage)
-        bad = [s for s in self.only_stage if s not in STAGES]
+        bad = [s for s in self.only_stage if s not in (*STAGES, "report")]
         if bad or not self.only_stage:
-            raise UserError(f"--only-stage takes {', '.join(STAGES)}; got {self.only_stage}")
+            raise UserError(f"--only-stage takes {', '.join(STAGES)} or report; got {self.only_stage}")
         if self.jobs < 1:
             raise UserError(f"--jobs must be >= 1, got {self.jobs}")
         if self.budget_s is not None and not self.budget_s > 0:
@@ -256,7 +252,8 @@ def _check_structure(plan: Plan):
 
 def check_inputs(plan: Plan, data_dir: str | None):
     """Every task's train and dev split can be read, and every config fits the base model (layers, N)."""
-    import convert
+    from routed_llama.source import load_base_config, resolve_source
+    from routed_llama.surgery import parse_layers
 
     for t in plan.tasks:
         task = tasks.get_task(t)
@@ -266,12 +263,12 @@ def check_inputs(plan: Plan, data_dir: str | None):
         except ValueError as exc:  # TaskError
             raise UserError(f"plan: {exc}") from None
     try:
-        base = convert.load_base_config(convert.resolve_source(plan.model))
+        base = load_base_config(resolve_source(plan.model))
     except ValueError as exc:  # ConversionError: not a Llama, missing, unreadable
         raise UserError(f"plan: model {plan.model!r}: {exc}") from None
     for c in plan.configs:
         try:
-            convert.parse_layers(c.layers, base.num_hidden_layers)
+            parse_layers(c.layers, base.num_hidden_layers)
         except ValueError as exc:
             raise UserError(f"plan: config {c.name}: {exc}") from None
         if c.num_clusters > base.intermediate_size:
@@ -341,18 +338,17 @@ def confirmation_cells(plan: Plan, lrs: dict[str, float], best: str) -> list[lis
 
 
 def read_result(run: Run, out: Path) -> dict | None:
-    """The run's result.json; None if it is not there or unreadable (a run interrupted while writing it)."""
-    path = run.folder(out) / "result.json"
-    if not path.is_file():
-        return None
-    try:
-        r = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+    """The run's complete result.json (the runner's reading); None if it is missing or cut off (an interrupted
+    run). A complete result of another (task, arm, seed, lr) is refused: it is not this plan's."""
+    from .runner import read_result as read_run
+
+    r = read_run(run.folder(out))
+    if r is None:
         return None
     got = (r.get("task"), r.get("arm"), r.get("seed"))
-    if got != (run.task, run.arm, run.seed) or not math.isclose(float(r.get("lr", -1)), run.lr, rel_tol=1e-9):
-        raise UserError(f"{path} holds a run (task, arm, seed {got}, lr {r.get('lr')}) that is not this plan's "
-                        f"({run.task}, {run.arm}, {run.seed}, lr {run.lr:g})")  # fmt: skip
+    if got != (run.task, run.arm, run.seed) or not math.isclose(float(r["lr"]), run.lr, rel_tol=1e-9):
+        raise UserError(f"{run.folder(out)} holds a run (task, arm, seed {got}, lr {r['lr']}) that is not this "
+                        f"plan's ({run.task}, {run.arm}, {run.seed}, lr {run.lr:g})")  # fmt: skip
     return r
 
 
@@ -438,32 +434,10 @@ def round_stats(plan: Plan, progress: Progress, cells: list[list[Run]], task_nam
 
 
 def _run_many():
-    """finetune.runner.run_many (the compare helper's runner), or a sequential stand-in until it exists."""
-    try:
-        from .runner import run_many
+    """The runner (a function, so that tests can put a fake in its place)."""
+    from .runner import run_many
 
-        return run_many
-    except ImportError:
-        return _run_many_sequential
-
-
-def _run_many_sequential(configs: list[RunConfig], run_dirs: list[Path], jobs: int, resume: bool, log=print):
-    """One run after another in this process; a finished run (result.json) is kept with `resume`."""
-    from .train import run_one
-
-    out = []
-    for cfg, d in zip(configs, run_dirs):
-        done = (d / "result.json").is_file()
-        if resume and done:
-            out.append(json.loads((d / "result.json").read_text()))
-            continue
-        if d.exists():  # an interrupted run: start it again from scratch
-            shutil.rmtree(d)
-        r = run_one(replace(cfg, output_dir=str(d)))
-        log(f"  {r['task']} {r['arm']:<14} seed {r['seed']:<3} lr {r['lr']:<7g} {r['primary_metric']} "
-            f"{r['final'][r['primary_metric']]:6.2f} ({r['train_seconds']:.1f} s)")  # fmt: skip
-        out.append(r)
-    return out
+    return run_many
 
 
 class Checkpoints:
@@ -479,6 +453,7 @@ class Checkpoints:
 
     def _convert(self, c: RoutedConfig) -> Path:
         import convert
+        from routed_llama.surgery import parse_layers
 
         target = self.folder / c.name
         record = target / "conversion.json"
@@ -486,7 +461,7 @@ class Checkpoints:
             have = json.loads(record.read_text())
             wanted = {"num_experts": c.num_clusters, "num_experts_per_tok": c.top_k, "method": c.method,
                       "router": c.router, "seed": c.partition_seed,
-                      "routed_layers": convert.parse_layers(c.layers, have["num_hidden_layers"])}  # fmt: skip
+                      "routed_layers": parse_layers(c.layers, have["num_hidden_layers"])}  # fmt: skip
             if all(have.get(k) == v for k, v in wanted.items()):
                 self.log(f"reusing the routed checkpoint {target}")
                 return target
@@ -495,8 +470,10 @@ class Checkpoints:
         self.log(f"converting {self.plan.model} for {c.name} (layers {c.layers}, N={c.num_clusters}, k={c.top_k}, "
                  f"{c.method}, {c.router} router)")  # fmt: skip
         self.folder.mkdir(parents=True, exist_ok=True)
-        return convert.convert(self.plan.model, target, num_experts=c.num_clusters, top_k=c.top_k, layers=c.layers,
-                               seed=c.partition_seed, method=c.method, router=c.router, progress=False)  # fmt: skip
+        settings = convert.ConvertSettings(model=self.plan.model, out_dir=str(target), num_clusters=c.num_clusters,
+                                           top_k=c.top_k, layers=c.layers, seed=c.partition_seed, method=c.method,
+                                           router=c.router, progress=False)  # fmt: skip
+        return convert.convert(settings, log=self.log)
 
 
 def run_config(plan: Plan, run: Run, model: str, data_dir: str | None, out: Path) -> RunConfig:
@@ -572,7 +549,7 @@ def sweep(settings: SweepSettings, log=print, command: str = "") -> dict:
     out = Path(settings.output)
     data_dir = settings.data_dir or plan.data_dir
     check_inputs(plan, data_dir)
-    check_output(plan, out, settings.resume)
+    check_output(plan, out, settings.resume or settings.only_stage == ["report"])
     progress = collect(plan, out)
     check_prerequisites(plan, settings, progress)
     write_plan_copy(out, settings.plan)
@@ -597,26 +574,24 @@ def sweep(settings: SweepSettings, log=print, command: str = "") -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> SweepSettings:
-    """SweepSettings from command-line arguments (flags generated from the dataclass)."""
-    from transformers import HfArgumentParser
+    """SweepSettings from command-line arguments (flags generated from the dataclass; no file is written)."""
+    from routed_llama.cli import parse_settings
 
-    parser = HfArgumentParser(SweepSettings, prog="python -m finetune sweep", description=__doc__.split("\n\n")[0])
-    (settings,) = parser.parse_args_into_dataclasses(args=argv)
-    return settings
+    return parse_settings(SweepSettings, argv, PROG, __doc__.split("\n\n")[0])
 
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m finetune sweep ...`: 0 on success; bad input is one line on stderr and exit code 2."""
-    import shlex
+    from routed_llama.cli import run_cli
+    from routed_llama.io import command_line
 
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    try:
-        settings = parse_args(argv)
-        sweep(settings, log=lambda m: print(m, flush=True), command="python -m finetune sweep " + shlex.join(argv))
-    except UserError as exc:
-        print(f"python -m finetune sweep: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    command = command_line(argv, PROG)
+
+    def run(settings: SweepSettings) -> None:
+        sweep(settings, log=lambda m: print(m, flush=True), command=command)
+
+    return run_cli(run, SweepSettings, argv, PROG, __doc__.split("\n\n")[0])
 
 
 if __name__ == "__main__":

@@ -5,37 +5,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from pathlib import Path
 
 import numpy as np
+
+from routed_llama.io import write_json, write_text
 
 from . import sweep_stats
 from .sweep import PLAIN, Plan, Progress, lr_cells, round_scores
 
 FORMAT_VERSION = 1
 FIGURES = ("heatmap.png", "forest.png")
-
-
-def _clean(x):
-    """NaN/inf -> None, numpy scalars -> Python numbers, recursively (for strict JSON)."""
-    if isinstance(x, dict):
-        return {str(k): _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    if isinstance(x, (np.floating, float)):
-        return float(x) if math.isfinite(x) else None
-    if isinstance(x, np.integer):
-        return int(x)
-    return x
-
-
-def write_json(path: Path, obj):
-    """Strict JSON (allow_nan=False; NaN/inf become null), written to a temp file and renamed into place."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(_clean(obj), indent=1, allow_nan=False) + "\n")
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -341,8 +322,7 @@ def plot_heatmap(plan: Plan, r1: dict, path: Path):
                 z[i, j] = c["delta_mean"] / sd
             ax.text(j, i, f"{c['delta_mean']:+.2f}\n{_ci(c['ci95'], 1)}", ha="center", va="center", fontsize=7)
     lim = max(1.0, float(np.nanmax(np.abs(z))) if np.isfinite(z).any() else 1.0)
-    cmap = plt.get_cmap("RdBu").copy()
-    cmap.set_bad("0.9")
+    cmap = plt.get_cmap("RdBu").with_extremes(bad="0.9")
     im = ax.imshow(np.ma.masked_invalid(z), cmap=cmap, vmin=-lim, vmax=lim, aspect="auto")
     ax.set_xticks(range(len(ts)), [f"{t.upper()}\n({plan.metrics[t]})" for t in ts], fontsize=8)
     ax.set_yticks(range(len(names)), names, fontsize=8)
@@ -381,7 +361,8 @@ def plot_forest(plan: Plan, r1: dict, conf: dict | None, path: Path):
     ax.set_yticks(range(len(names)), names, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("pooled Δ, routed − plain (plain-SD units), 95% CI")
-    ax.legend(fontsize=7, loc="best")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="best")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
@@ -397,8 +378,6 @@ def write(plan: Plan, progress: Progress, out: Path, meta: dict) -> dict:
         tmp = out / f".{name}.tmp.png"
         plot(tmp)
         os.replace(tmp, out / name)
-    write_json(out / "results.json", res)
-    tmp = out / ".report.md.tmp"
-    tmp.write_text(report(plan, res, progress))
-    os.replace(tmp, out / "report.md")
+    write_json(out / "results.json", res, indent=1)
+    write_text(out / "report.md", report(plan, res, progress))
     return res
