@@ -45,24 +45,25 @@ def saved_num_labels(ref: str | Path) -> int | None:
     return None if cfg is None else source.saved_num_labels(cfg)
 
 
-def _location(ref: str) -> tuple[str, dict, str, dict]:
-    """(path, from_pretrained kwargs, display name, raw config) of a model reference; a plain base must be a
-    Llama, checked on its config before any weights load."""
+def _location(ref: str, read_config: bool) -> tuple[str, dict, str, dict | None]:
+    """(path, from_pretrained kwargs, display name, config as a dict or None) of a model reference. With
+    `read_config`, a plain base is checked to be a Llama on its config before any weights load (a GGUF's config is
+    parsed from the whole file: it is read once)."""
     if is_routed_checkpoint(ref):
         return str(ref), {"trust_remote_code": True}, str(ref), _config_dict(ref)
     try:
         src = source.resolve_source(ref)
-        source.load_base_config(src)
-        return src.path, src.kwargs, src.display, source.read_config_dict(src)
+        config = source.load_base_config(src).to_dict() if read_config else None
     except UserError as exc:
         raise ModelError(str(exc)) from None
+    return src.path, src.kwargs, src.display, config
 
 
 def load_tokenizer(ref: str):
     """The reference's tokenizer, right-padded, with a pad token (the EOS token where it has none)."""
     from transformers import AutoTokenizer
 
-    path, kwargs, display, _ = _location(ref)
+    path, kwargs, display, _ = _location(ref, read_config=False)
     try:
         with source.quiet():
             tok = AutoTokenizer.from_pretrained(path, **kwargs)
@@ -109,7 +110,7 @@ def load_classifier(ref: str, num_labels: int, tokenizer=None, top_k: int | None
     initialised; `init_score` makes it a function of the seed so that both arms start from the same head. Every
     other weight must come from the checkpoint with the shape its config gives.
     """
-    path, kwargs, display, raw = _location(ref)
+    path, kwargs, display, raw = _location(ref, read_config=True)
     saved = source.saved_num_labels(raw)
     if saved is not None and saved != num_labels:  # caught here: transformers would only see a shape mismatch
         raise ModelError(f"{display} has a classification head with {saved} labels; the task needs num_labels={num_labels}")

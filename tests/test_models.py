@@ -319,3 +319,11 @@ def test_evaluate_scores_the_adapter_on_dev(adapter_dir, glue_dir, capsys):
     assert out["task"] == "rte" and out["metrics"] == r["metrics"]  # batching does not change predictions
     assert len(r["predictions"]) == 4 and set(r["predictions"]) <= {0, 1}
     assert r["metrics"]["accuracy"] == 100 * sum(p == (i % 2) for i, p in enumerate(r["predictions"])) / 4
+
+
+@pytest.mark.slow
+def test_the_stand_in_gguf_loads_with_a_new_head_only(standin_gguf):
+    model = models.load_classifier("stand-in", 2)
+    assert type(model).__name__ == "LlamaForSequenceClassification" and model.config.pad_token_id is not None
+    assert not model.is_quantized and not hasattr(model.config, "quantization_config")  # plain fp32 weights
+    assert model.score.weight.shape == (2, model.config.hidden_size)
