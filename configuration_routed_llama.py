@@ -43,9 +43,10 @@ class RoutedLlamaConfig(LlamaConfig):
             Uneven sizes are allowed (they arise where N does not divide `intermediate_size`).
         routing_impl (`str`, defaults to `"auto"`):
             How a routed FFN is computed. `"mask"`: the reference; compute the whole FFN, zero the unselected
-            clusters. `"sparse"`: compute only the selected clusters (grouped by cluster; a Triton kernel on CUDA
-            for small token counts). `"auto"`: the fastest measured for the device and the number of tokens; on the
-            H200 that is still "mask" (results/decode/ in the routed-llama repository).
+            clusters. `"sparse"`: compute only the selected clusters (Triton GEMV kernels on CUDA for up to 16
+            tokens without gradients, grouped by cluster in PyTorch otherwise). `"auto"`: the Triton kernels for
+            up to 8 tokens (decoding) on CUDA GPUs of compute capability 8.0 or newer, `"mask"` everywhere else
+            (prefill, training, CPU); see `auto_uses_triton` in modeling_routed_llama.py.
         base_model_name_or_path (`str`, *optional*):
             Provenance: the dense checkpoint this one was converted from.
         partition_method (`str`, *optional*):

@@ -1,55 +1,329 @@
-"""On a CUDA device: the fused Triton routed FFN equals the "mask" reference (fp32 and bf16, uneven clusters,
-1..16 tokens), also when captured in a CUDA graph, and greedy generation agrees between "mask" and "sparse".
-Prints one line per case and exits non-zero on a mismatch."""
+"""Correctness of the routed decode path on a CUDA GPU; writes a JSON report and exits 1 if any check fails.
 
+    python benchmarks/check_gpu.py --out results/decode/check_gpu.json --checkpoint CKPT   # on the GPU
+    python benchmarks/check_gpu.py --device cpu --quick --out /tmp/check.json              # the CPU-side logic only
+
+Checks (one record each: {check, ..., ok, and the measured error or the error message}):
+- "kernel": `triton_routed_ffn` against the mask reference (`forward_mask`), for fp32, bf16 and fp16, both routers,
+  cluster layouts that are uneven and have N not a power of two, 1-8 and 16 tokens, every multiply mode and both
+  reductions. Half-precision outputs are compared with an fp32 reference computed on the same rounded weights.
+  Metric: max |out - ref| / max |ref| over the tokens whose k-th and (k+1)-th reference scores are not a near tie
+  (relative gap >= 1e-5; such tokens may legitimately route differently and are counted in `near_ties`).
+  Tolerances: TOL.
+- "graph": the same comparison for a call captured in a CUDA graph and replayed on new inputs.
+- "auto": routing_impl "auto" picks "triton" for 1..AUTO_TRITON_MAX_TOKENS tokens on this GPU and "mask" above.
+- "mask_graph": a training step of the mask path (forward and backward through routed layers) captured in a CUDA
+  graph: capture fails on any host sync, and the replayed loss and gradients must equal the eager ones.
+- "generate": on --checkpoint (a routed checkpoint folder; default: a random 4-layer routed model), greedy
+  `generate` with routing_impl "mask" vs "auto", and `fast_generate` vs `generate` (both "auto"), batch 1 and 4:
+  in fp32 the tokens must be equal; in bf16 the count of equal leading tokens is reported, not checked (bf16
+  rounding differs between the paths, so greedy choices may part after a near tie).
+A check that raises is recorded as failed with its error; the other checks still run.
+"""
+
+from __future__ import annotations
+
+import argparse
 import sys
+import time
+import traceback
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
 import modeling_routed_llama as mrl  # noqa: E402
 from configuration_routed_llama import RoutedLlamaConfig  # noqa: E402
 
+TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}
+NEAR_TIE = 1e-5
+# (hidden, intermediate, N, k, uneven): the stand-in, TinyLlama and Llama-7B shapes, and small uneven layouts
+CASES = [(256, 1000, 7, 3, True), (512, 1030, 24, 12, True), (576, 1536, 32, 16, False), (2048, 5632, 32, 8, False),
+         (4096, 11008, 32, 16, False)]  # fmt: skip
+QUICK_CASES = [(48, 100, 6, 3, True)]
 
-def mlp(hidden, inter, n, k, dtype, seed):
-    torch.manual_seed(seed)
+
+def uneven_offsets(inter: int, n: int, seed: int) -> list[int]:
+    """N + 1 strictly increasing cluster bounds of random sizes (between 1 and about 3x the mean)."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = torch.rand(n, generator=g) * 2.9 + 0.1
+    sizes = (sizes / sizes.sum() * (inter - n)).floor().long() + 1
+    sizes[-1] += inter - int(sizes.sum())
+    return [0] + torch.cumsum(sizes, 0).tolist()
+
+
+def routed_mlp(case, router: str, dtype, device, seed=0):
+    hidden, inter, n, k, uneven = case
+    offsets = uneven_offsets(inter, n, seed) if uneven else None
     cfg = RoutedLlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=1, num_attention_heads=4,
-                            num_experts=n, num_experts_per_tok=k, routing_impl="sparse")
-    m = mrl.RoutedLlamaMLP(cfg, 0).cuda()
-    for p in m.parameters():
-        torch.nn.init.normal_(p, std=hidden**-0.5)
-    m.refresh_router()
-    return m.to(dtype).eval()
+                            num_experts=n, num_experts_per_tok=k, router=router,
+                            expert_offsets=None if offsets is None else [offsets])  # fmt: skip
+    torch.manual_seed(seed)
+    mlp = mrl.RoutedLlamaMLP(cfg, 0).to(device)
+    with torch.no_grad():
+        for p in mlp.parameters():
+            p.normal_(std=p.shape[-1] ** -0.5)
+    mlp.refresh_router()
+    return mlp.to(dtype).eval()
 
 
-@torch.no_grad()
-def main():
-    bad = 0
-    cases = [(256, 1000, 7, 3), (576, 1536, 32, 16), (2048, 5632, 32, 8), (4096, 11008, 32, 16), (512, 1030, 32, 31)]
-    for dtype, tol in [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)]:
-        for hidden, inter, n, k in cases:
-            m = mlp(hidden, inter, n, k, dtype, 0)
-            for tokens in (1, 3, 8, 16):
-                x = torch.randn(tokens, hidden, device="cuda", dtype=dtype)
-                ref = m.forward_mask(x).float()
-                out = m.forward_triton(x).float()
-                g = torch.cuda.CUDAGraph()
-                xs = x.clone()
-                m.forward_triton(xs)
-                with torch.cuda.graph(g):
-                    ys = m.forward_triton(xs)
-                xs.copy_(torch.randn_like(xs))
-                g.replay()
-                ref2 = m.forward_mask(xs).float()
-                rel = ((out - ref).norm() / ref.norm()).item()
-                rel2 = ((ys.float() - ref2).norm() / ref2.norm()).item()
-                ok = rel < tol and rel2 < tol
-                bad += not ok
-                print(f"{'ok ' if ok else 'BAD'} {str(dtype):15s} H={hidden} I={inter} N={n} k={k} M={tokens}: "
-                      f"rel err {rel:.2e}, in a CUDA graph {rel2:.2e}")
-    print("all Triton checks passed" if not bad else f"{bad} Triton checks FAILED")
-    return 1 if bad else 0
+def compare(out: torch.Tensor, ref: torch.Tensor, scores: torch.Tensor, k: int) -> tuple[float, int]:
+    """(max relative error over tokens without a near tie at the k-th score, number of near-tie tokens).
+    out, ref (M, H); scores (M, N) the reference's fp32 router scores."""
+    top = scores.float().topk(min(k + 1, scores.shape[1]), dim=-1).values  # (M, k + 1)
+    scale = scores.float().abs().amax(-1).clamp_min(1e-30)
+    tie = (top[:, k - 1] - top[:, -1]) / scale < NEAR_TIE if k < scores.shape[1] else torch.zeros_like(scale).bool()
+    keep = ~tie
+    if not bool(keep.any()):
+        return 0.0, int(tie.sum())
+    o, r = out[keep].float(), ref[keep].float()
+    return ((o - r).abs().max() / r.abs().max().clamp_min(1e-30)).item(), int(tie.sum())
+
+
+def kernel_call(mlp, variant: dict):
+    r = mlp.router
+    kw = dict(w_gate=mlp.gate_proj.weight, w_up=mlp.up_proj.weight, w_down=mlp.down_proj.weight, top_k=r.top_k,
+              row_cluster=r.row_cluster(mlp.intermediate_size), offsets=r.expert_offsets,
+              centroids=r.centroids if r.kind == "centroid" else None, tiles=variant)  # fmt: skip
+    return lambda x: mrl.triton_routed_ffn(x, **kw)
+
+
+def reference(ref_mlp, x):
+    """(fp32 reference output, its router scores) for x."""
+    with torch.no_grad():
+        xf = x.float()
+        h = ref_mlp.act_fn(ref_mlp.gate_proj(xf)) * ref_mlp.up_proj(xf)
+        return ref_mlp.forward_mask(xf), ref_mlp.router.scores(xf, h)
+
+
+def variants(tokens: int, quick: bool) -> list[dict]:
+    if quick:
+        return [{"mode": mrl.triton_mode(tokens), "reduce": "split"}]
+    modes = ["gemv1"] if tokens == 1 else ["gemv", "dot"]
+    return [{"mode": m, "reduce": red} for m in modes for red in ("split", "atomic")]
+
+
+def kernel_checks(args) -> list[dict]:
+    records = []
+    device = torch.device(args.device)
+    if not (device.type == "cuda" or mrl.TRITON_INTERPRET) or mrl.triton is None:
+        return [{"check": "kernel", "ok": None, "skipped": "the Triton kernels need CUDA (or TRITON_INTERPRET=1)"}]
+    dtypes = [torch.float32, torch.bfloat16] + ([] if args.quick else [torch.float16])
+    for case in QUICK_CASES if args.quick else CASES:
+        for router in ("centroid", "activation"):
+            for dtype in dtypes:
+                records += case_checks(case, router, dtype, args)
+    return records
+
+
+def case_checks(case, router, dtype, args) -> list[dict]:
+    device = torch.device(args.device)
+    mlp = routed_mlp(case, router, dtype, device)
+    ref_mlp = routed_mlp(case, router, dtype, device).float()  # same seed: the same rounded weights, in fp32
+    records = []
+    for tokens in (1, 3, 8) if args.quick else (1, 2, 4, 8, 16):
+        for variant in variants(tokens, args.quick):
+            base = {"hidden": case[0], "intermediate": case[1], "N": case[2], "k": case[3], "uneven": case[4],
+                    "router": router, "dtype": str(dtype).split(".")[1], "tokens": tokens, **variant}  # fmt: skip
+            x = torch.randn(tokens, case[0], device=device).to(dtype)
+            records.append(guard({"check": "kernel", **base}, one_kernel, mlp, ref_mlp, x, variant, dtype))
+            if device.type == "cuda":
+                records.append(guard({"check": "graph", **base}, one_graph, mlp, ref_mlp, x, variant, dtype))
+    return records
+
+
+def one_kernel(record, mlp, ref_mlp, x, variant, dtype):
+    with torch.no_grad():
+        out = kernel_call(mlp, variant)(x)
+    ref, scores = reference(ref_mlp, x)
+    record["rel_err"], record["near_ties"] = compare(out, ref, scores, mlp.router.top_k)
+    record["ok"] = out.dtype == dtype and out.shape == x.shape and record["rel_err"] <= TOL[dtype]
+
+
+def one_graph(record, mlp, ref_mlp, x, variant, dtype):
+    call = kernel_call(mlp, variant)
+    xs = x.clone()
+    with torch.no_grad():
+        call(xs)  # compiles and caches outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            ys = call(xs)
+        xs.copy_(torch.randn_like(xs.float()).to(dtype))
+        graph.replay()
+    torch.cuda.synchronize()
+    ref, scores = reference(ref_mlp, xs)
+    record["rel_err"], record["near_ties"] = compare(ys, ref, scores, mlp.router.top_k)
+    record["ok"] = record["rel_err"] <= TOL[dtype]
+
+
+def auto_checks(args) -> list[dict]:
+    device = torch.device(args.device)
+    mlp = routed_mlp(QUICK_CASES[0], "centroid", torch.bfloat16, device)
+    mlp.config.routing_impl = "auto"
+    on_gpu = device.type == "cuda" and torch.cuda.get_device_capability(device) >= mrl.AUTO_MIN_CAPABILITY
+    records = []
+    for tokens in (1, mrl.AUTO_TRITON_MAX_TOKENS, mrl.AUTO_TRITON_MAX_TOKENS + 1, 512):
+        expected = "triton" if on_gpu and tokens <= mrl.AUTO_TRITON_MAX_TOKENS and mrl.triton is not None else "mask"
+        record = {"check": "auto", "tokens": tokens, "expected": expected,
+                  "capability": list(torch.cuda.get_device_capability(device)) if device.type == "cuda" else None}
+
+        def pick(rec, tokens=tokens):
+            with torch.no_grad():
+                rec["picked"] = mlp.pick_impl(torch.zeros(tokens, mlp.hidden_size, device=device, dtype=torch.bfloat16))
+            rec["ok"] = rec["picked"] == rec["expected"]
+
+        records.append(guard(record, pick))
+    return records
+
+
+def mask_graph_check(args) -> list[dict]:
+    """A training step of the mask path captured in a CUDA graph (fails on any host sync) equals the eager one."""
+    if torch.device(args.device).type != "cuda":
+        return [{"check": "mask_graph", "ok": None, "skipped": "needs CUDA"}]
+
+    def step(record):
+        model = tiny_model(args.device, torch.float32, layers=2).train()
+        model.config.routing_impl = "auto"
+        ids = torch.randint(0, model.config.vocab_size, (4, 32), device=args.device)
+
+        def loss_and_grads():
+            model.zero_grad(set_to_none=False)
+            logits = model(input_ids=ids).logits  # (B, T, V)
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+            loss.backward()
+            return loss
+
+        eager = loss_and_grads().detach().clone()
+        grads = [p.grad.clone() for p in model.parameters()]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up on a side stream, as capturing a backward requires
+                loss_and_grads()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_loss = loss_and_grads()
+        graph.replay()
+        torch.cuda.synchronize()
+        record["loss_diff"] = (static_loss - eager).abs().item()
+        record["grad_diff"] = max((p.grad - g).abs().max().item() for p, g in zip(model.parameters(), grads))
+        record["ok"] = record["loss_diff"] <= 1e-5 and record["grad_diff"] <= 1e-5
+
+    return [guard({"check": "mask_graph"}, step)]
+
+
+def tiny_model(device, dtype, layers=4):
+    cfg = RoutedLlamaConfig(hidden_size=512, intermediate_size=1376, num_hidden_layers=layers, num_attention_heads=8,
+                            num_key_value_heads=4, vocab_size=1000, num_experts=16, num_experts_per_tok=8,
+                            max_position_embeddings=512, tie_word_embeddings=False)  # fmt: skip
+    torch.manual_seed(0)
+    with torch.device(device):
+        return mrl.RoutedLlamaForCausalLM(cfg).to(dtype)
+
+
+def load_model(args, dtype):
+    if args.checkpoint:
+        return mrl.RoutedLlamaForCausalLM.from_pretrained(args.checkpoint, dtype=dtype).to(args.device).eval()
+    return tiny_model(args.device, dtype).eval()
+
+
+def generate_checks(args) -> list[dict]:
+    records = []
+    new = 4 if args.quick else 32
+    for dtype in (torch.float32,) if args.quick else (torch.float32, torch.bfloat16):
+        model = load_model(args, dtype)
+        for batch in (1, 4):
+            ids = torch.randint(3, model.config.vocab_size, (batch, 16), generator=torch.Generator().manual_seed(batch))
+            ids = ids.to(args.device)
+            record = {"check": "generate", "dtype": str(dtype).split(".")[1], "batch": batch, "new_tokens": new,
+                      "checkpoint": args.checkpoint or "random 4-layer routed model",
+                      "k": model.config.top_k_experts, "N": model.config.num_experts}  # fmt: skip
+            records.append(guard(record, one_generate, model, ids, new, dtype))
+        del model
+    return records
+
+
+def one_generate(record, model, ids, new, dtype):
+    out = {}
+    with torch.no_grad():
+        for impl in ("mask", "auto"):
+            model.config.routing_impl = impl
+            out[impl] = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new)
+    fast = model.fast_generate(ids, new)
+    model.clear_fast_generate()
+    plen = ids.shape[1]
+
+    def same_prefix(a, b):
+        n = min(a.shape[1], b.shape[1]) - plen
+        diff = (a[:, plen : plen + n] != b[:, plen : plen + n]).any(0).nonzero()
+        return int(diff[0]) if len(diff) else n
+
+    record["auto_equal_prefix"] = same_prefix(out["mask"], out["auto"])
+    record["fast_equal_prefix"] = same_prefix(out["auto"], fast)
+    record["auto_equal"] = torch.equal(out["mask"], out["auto"])
+    record["fast_equal"] = torch.equal(out["auto"], fast)
+    record["ok"] = (record["auto_equal"] and record["fast_equal"]) if dtype == torch.float32 else None
+
+
+def guard(record: dict, fn, *a) -> dict:
+    """fn(record, *a) fills `record`; an exception marks it failed with the error instead of ending the run."""
+    try:
+        fn(record, *a)
+    except Exception as exc:
+        traceback.print_exc(limit=-3)
+        record["ok"] = False
+        record["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+    status = {True: "ok  ", False: "FAIL", None: "info"}[record.get("ok")]
+    print(status, {k: v for k, v in record.items() if k != "ok"}, flush=True)
+    return record
+
+
+def reraise(record: dict, exc: Exception):
+    raise exc
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="the JSON report to write")
+    p.add_argument("--checkpoint", default=None, help="a routed checkpoint folder for the generate check")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="one small shape, fewer variants (CPU smoke runs)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    from routed_llama.hardware import hardware
+    from routed_llama.io import command_line, write_json
+
+    args = parse_args(argv)
+    t0 = time.time()
+    records = []
+    for checks in (kernel_checks, auto_checks, mask_graph_check, generate_checks):
+        try:
+            records += checks(args)
+        except Exception as exc:  # a whole group that cannot start (e.g. the checkpoint does not load)
+            records.append(guard({"check": checks.__name__}, reraise, exc))
+    failed = [r for r in records if r.get("ok") is False]
+    doc = {
+        "hardware": hardware(args.device),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": command_line(argv),
+        "tolerances": {str(k).split(".")[1]: v for k, v in TOL.items()},
+        "near_tie": NEAR_TIE,
+        "passed": sum(r.get("ok") is True for r in records),
+        "failed": len(failed),
+        "skipped_or_info": sum(r.get("ok") is None for r in records),
+        "wall_seconds": round(time.time() - t0, 1),
+        "records": records,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    write_json(args.out, doc)
+    print(f"{doc['passed']} passed, {doc['failed']} failed, {doc['skipped_or_info']} skipped or informational")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

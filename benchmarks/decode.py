@@ -1,21 +1,34 @@
-"""Decode and prefill speed of routed vs dense Llama, and the FFN alone (prints a table; writes JSON and a PNG).
+"""Decode, prefill and FFN speed of routed vs dense Llama, and the user's decode helper, in one command.
 
-For each model shape: stock dense Llama, the "ideal" model whose FFN is k/N as wide (what perfect skipping would
-give), and RoutedLlama with every layer routed at several k/N. Every arm runs the same hand-written decode loop:
-a prefill, then one CUDA graph per decode step captured over a StaticCache and replayed (`--no-graph` runs it
-eagerly). Weights are random (speed does not depend on them); the routed model's clusters are equal splits.
+    python benchmarks/decode.py --out results/decode --standin CKPT     # on the GPU (about 2-4 minutes on an H200)
+    python benchmarks/decode.py --device cpu --shapes tiny --steps 4 --repeats 1 --prefill 16 --out /tmp/d  # smoke
 
-    python benchmarks/decode.py --out results/decode                 # on the GPU: the full table
-    python benchmarks/decode.py --device cpu --shapes tiny --steps 4 --no-graph   # a smoke run of the code path
+Rows (written to OUT/decode.json after every model, with a PNG OUT/speedup.png):
+- phase "decode": greedy decode steps through `GreedyDecodeStep` (the modeling file's StaticCache step, one CUDA
+  graph per step on CUDA) for three arms: the dense Llama, the "ideal" dense Llama whose FFN is k/N as wide (what
+  perfect skipping would give), and the routed model (every layer routed, routing_impl "auto" unless the row's impl
+  says otherwise). All arms run the same loop with the same treatment (`compiled` true: torch.compile'd, with
+  --compile). tok/s = batch * steps / seconds.
+- phase "prefill": one forward over --prefill tokens (batch 1, eager), tok/s = tokens / seconds.
+- phase "generate": the user's path, `model.fast_generate(prompt, max_new_tokens=steps)`, routed at k vs the same
+  model at k = N (dense compute); `loop_speedup` is the decode row's speedup for the same model, batch and k/N.
+- phase "ffn": one FFN layer alone (cycling over 6 layers' weights so no cache holds them): dense (cuBLAS), ideal,
+  and each Triton variant (multiply mode x reduction); `bytes_read` is what the kernels read (the weight tiles of
+  kept clusters, rounded out to the tiles, plus the centroids) and `gb_s` = bytes_read / time.
+Each arm is timed --repeats times, interleaved with the other arms of its row; `*_tok_s` (or `*_us`) are medians and
+`min`/`median`/`max` give the spread of the routed arm (dense and ideal spreads are in `spread`). A variant that
+fails is recorded with its error and the run goes on. Weights are random (speed does not depend on them) and the
+routed model's clusters are equal splits, except for the stand-in row (--standin: a routed checkpoint folder, whose
+k-means clusters are used, or a dense folder / GGUF file, split equally).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
+import statistics
 import sys
 import time
+import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -29,11 +42,42 @@ from configuration_routed_llama import RoutedLlamaConfig  # noqa: E402
 
 SHAPES = {
     # name: (hidden, intermediate, layers, heads, kv heads, vocab)
-    "tinyllama": (2048, 5632, 22, 32, 4, 32000),
     "llama7b": (4096, 11008, 32, 32, 32, 32000),
+    "tinyllama": (2048, 5632, 22, 32, 4, 32000),
     "smollm2-135m": (576, 1536, 30, 9, 3, 49152),
     "tiny": (64, 192, 2, 4, 2, 256),
 }
+LLAMA_KEYS = ("model_type", "architectures", "transformers_version", "dtype", "torch_dtype", "auto_map")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="folder for decode.json and speedup.png (created)")
+    p.add_argument("--shapes", nargs="*", default=["llama7b", "tinyllama"], choices=sorted(SHAPES))
+    p.add_argument("--standin", default=None, help="real-weights row: a routed checkpoint folder, or a dense one/GGUF")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.25, 1.0], help="k/N values")
+    p.add_argument("--num-clusters", type=int, default=32, help="N for the random-weight shapes")
+    p.add_argument("--prompt", type=int, default=64)
+    p.add_argument("--steps", type=int, default=64, help="timed decode steps per repeat")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--prefill", type=int, default=512, help="prefill tokens (0: no prefill rows)")
+    p.add_argument("--ffn-tokens", type=int, nargs="*", default=[1, 4], help="token counts of the FFN-alone rows")
+    p.add_argument("--ffn-reps", type=int, default=100)
+    p.add_argument("--compile", action="store_true", help="also time every decode arm torch.compile'd")
+    p.add_argument("--mask-rows", action="store_true", help="also time the routed arm with routing_impl='mask'")
+    p.add_argument("--tune", action="store_true", help="time alternative Triton tile sizes on the first shape's FFN")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    args = p.parse_args(argv)
+    if args.repeats < 1 or args.steps < 1:
+        p.error("--repeats and --steps must be at least 1")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------------------------
 
 
 def llama_config(shape: str, intermediate: int | None = None):
@@ -45,353 +89,572 @@ def llama_config(shape: str, intermediate: int | None = None):
                        max_position_embeddings=4096, tie_word_embeddings=False)  # fmt: skip
 
 
-def build_dense(shape, device, dtype, intermediate=None, seed=0):
-    from transformers import LlamaForCausalLM
+def build_dense(config, device, dtype, seed=0):
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    with torch.device(device):
-        model = LlamaForCausalLM(llama_config(shape, intermediate)).to(dtype)
-    return model.eval()
+    with torch.device(device):  # built directly in `dtype` on the device: a 7B model initialises in seconds
+        return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
 
 
-def build_routed(dense, num_experts: int, top_k: int, impl: str):
-    """A RoutedLlama holding the dense model's weights (equal clusters), every layer routed."""
+def narrower(config, fraction: float):
+    """The same Llama config with an FFN `fraction` as wide (the ideal arm)."""
+    from transformers import LlamaConfig
+
+    d = {k: v for k, v in config.to_dict().items() if k not in LLAMA_KEYS}
+    d["intermediate_size"] = max(1, round(config.intermediate_size * fraction))
+    return LlamaConfig(**d)
+
+
+def routed_from_dense(dense, num_clusters: int):
+    """A RoutedLlama sharing the dense model's weight tensors, every layer routed, equal-split clusters."""
     from transformers.initialization import no_init_weights
 
-    cfg = RoutedLlamaConfig(**{k: v for k, v in dense.config.to_dict().items()
-                               if k not in ("model_type", "architectures", "transformers_version", "dtype")},
-                            num_experts=num_experts, num_experts_per_tok=top_k, routing_impl=impl)  # fmt: skip
-    device, dtype = dense.device, dense.dtype
-    with no_init_weights(), torch.device(device):
-        routed = mrl.RoutedLlamaForCausalLM(cfg).to(dtype)
-    routed.load_state_dict(dense.state_dict(), strict=False)
-    for mlp in routed.model.routed_mlps().values():  # the offsets are built from the config; centroids need weights
+    fields = {k: v for k, v in dense.config.to_dict().items() if k not in LLAMA_KEYS}
+    cfg = RoutedLlamaConfig(**fields, num_experts=num_clusters, num_experts_per_tok=num_clusters, routing_impl="auto")
+    with no_init_weights(), torch.device(dense.device):
+        routed = mrl.RoutedLlamaForCausalLM(cfg).to(dense.dtype)
+    routed.load_state_dict(dense.state_dict(), strict=False, assign=True)
+    for mlp in routed.model.routed_mlps().values():
         mlp.refresh_router()
     return routed.eval()
 
 
-def _sync(device):
-    if device.type == "cuda":
+def load_standin(path: str, device, dtype, num_clusters: int):
+    """(name, dense, routed) from a routed checkpoint folder (its clusters) or a dense folder / GGUF (equal splits)."""
+    import json
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    p = Path(path)
+    config_file = p / "config.json"
+    if p.is_dir() and config_file.is_file() and json.loads(config_file.read_text()).get("model_type") == "routed_llama":
+        routed = mrl.RoutedLlamaForCausalLM.from_pretrained(p, dtype=dtype).to(device).eval()
+        routed.config.routing_impl = "auto"
+        fields = {k: v for k, v in routed.config.to_dict().items() if k in LlamaConfig().to_dict() and k not in LLAMA_KEYS}
+        with torch.device("meta"):
+            dense = LlamaForCausalLM(LlamaConfig(**fields))
+        state = {k: v for k, v in routed.state_dict().items() if ".router." not in k}
+        dense.load_state_dict(state, strict=False, assign=True)
+        dense.model.rotary_emb = routed.model.rotary_emb  # a buffer the state dict does not hold
+        return f"standin ({p.name}, k-means clusters)", dense.eval(), routed
+    from routed_llama.source import quiet, remove_quantization, resolve_source
+
+    source = resolve_source(path)
+    with quiet():
+        dense = LlamaForCausalLM.from_pretrained(source.path, dtype=torch.float32, **source.kwargs)
+    dense = remove_quantization(dense).to(device=device, dtype=dtype).eval()
+    return f"standin ({Path(path).name}, equal-split clusters)", dense, routed_from_dense(dense, num_clusters)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
 
 
-def capture(fn):
-    """One CUDA graph of `fn` (warmed up on a side stream first, as graph capture requires); returns its replay."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()  # allocations, cuBLAS handles, Triton compilation happen here, outside the graph
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay
+class DecodeArm:
+    """One arm of a decode row: a model, the routing it runs with (set before every use: prefill runs eagerly and
+    reads it), and its own GreedyDecodeStep (cache + graph)."""
 
+    def __init__(self, model, batch: int, args, top_k=None, impl=None, compiled=False):
+        self.model, self.top_k, self.impl, self.batch = model, top_k, impl, batch
+        self.apply()
+        runner = torch.compile(model, dynamic=False) if compiled else model
+        cache_len = args.prompt + args.steps + 16
+        graph = torch.device(args.device).type == "cuda"
+        self.step = mrl.GreedyDecodeStep(runner, batch, cache_len, cuda_graph=graph)
+        g = torch.Generator().manual_seed(batch)
+        self.prompt = torch.randint(0, model.config.vocab_size, (batch, args.prompt), generator=g).to(args.device)
 
-def seconds_per_call(run, reps: int, device) -> float:
-    """Wall seconds per call of `run`, after one untimed call, synchronising the device around the loop."""
-    run()
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        run()
-    _sync(device)
-    return (time.perf_counter() - t0) / reps
+    def apply(self):
+        if self.top_k is not None:
+            self.model.model.set_top_k(self.top_k)
+        if self.impl is not None:
+            self.model.config.routing_impl = self.impl
 
-
-@torch.no_grad()
-def decode_tok_s(model, batch: int, prompt: int, steps: int, graph: bool) -> float:
-    """Tokens per second of greedy-free decoding (fixed input tokens): prefill `prompt`, then `steps` steps."""
-    from transformers import StaticCache
-
-    device = model.device
-    cache = StaticCache(config=model.config, max_cache_len=prompt + steps + 8)
-    ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device=device)
-    model(input_ids=ids, past_key_values=cache, use_cache=True)
-    step_ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)  # (B, 1) static input buffer
-
-    def step():
-        return model(input_ids=step_ids, past_key_values=cache, use_cache=True).logits
-
-    if graph and device.type == "cuda":
-        try:
-            run = capture(step)
-        except RuntimeError as exc:  # something in the step syncs with the host: time it eagerly and say so
-            print(f"  CUDA graph capture failed ({str(exc)[:100]}); timing eagerly", flush=True)
-            torch.cuda.synchronize()
-            return decode_tok_s(model, batch, prompt, steps, graph=False)
-        n_time = steps - 4  # warm-up and capture wrote two steps into the cache; the timed steps follow
-    else:
-        run = step
-        n_time = steps - 2
-        step()
-    return batch / seconds_per_call(run, n_time, device)
-
-
-@torch.no_grad()
-def prefill_tok_s(model, tokens: int, repeats: int, trials: int = 5) -> float:
-    """Prefill tokens per second: the median of `trials` timings of `repeats` forwards, after three warm-ups (a
-    single warm-up left the first arm timed visibly cold in the first recorded run)."""
-    device = model.device
-    ids = torch.randint(0, model.config.vocab_size, (1, tokens), device=device)
-    for _ in range(3):
-        model(input_ids=ids, use_cache=False)
-    times = []
-    for _ in range(trials):
-        _sync(device)
+    @torch.no_grad()
+    def tok_s(self, steps: int) -> float:
+        self.apply()
+        self.step.reset()
+        tokens = self.step(self.step.forward(self.prompt).argmax(-1))  # prefill and one untimed step
+        sync(self.prompt.device)
         t0 = time.perf_counter()
-        for _ in range(repeats):
-            model(input_ids=ids, use_cache=False)
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return tokens * repeats / sorted(times)[len(times) // 2]
+        for _ in range(steps):
+            tokens = self.step(tokens)
+        sync(self.prompt.device)
+        return self.batch * steps / (time.perf_counter() - t0)
 
 
-@torch.no_grad()
-def ffn_us(mlps: list, x: torch.Tensor, reps: int, graph: bool) -> float:
-    """Microseconds per FFN call, cycling over several layers' weights so that L2 holds none of them."""
-
-    def body():
-        y = x
-        for m in mlps:
-            y = m(x)
-        return y
-
-    run = capture(body) if graph and x.device.type == "cuda" else body
-    return seconds_per_call(run, reps, x.device) / len(mlps) * 1e6
+def spread(values: list[float]) -> dict:
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
 
 
-def ffn_rows(shape, device, dtype, ratios, num_experts, graph, reps, tile_grid):
-    """Dense FFN vs ideal (k/N as wide) vs routed (Triton), M = 1 token, at the given shape."""
+def interleaved(fns: dict, repeats: int) -> dict:
+    """{name: [value per repeat]}, calling every fn once per repeat in turn; a failing fn gets its error string."""
+    out = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            if isinstance(out[name], str):
+                continue
+            try:
+                out[name].append(fn())
+            except Exception as exc:  # recorded in the row, the run goes on
+                out[name] = error_text(exc)
+    return out
+
+
+def error_text(exc: BaseException) -> str:
+    traceback.print_exception(exc, limit=-3)
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+
+
+def make_row(base: dict, values: dict, routed: str = "routed", larger_is_faster=True, unit="tok_s") -> dict:
+    """A row from per-repeat values of the arms "dense", "ideal" (optional) and `routed`; medians and spreads."""
+    row = dict(base)
+    errors = {k: v for k, v in values.items() if isinstance(v, str)}
+    med = {k: statistics.median(v) for k, v in values.items() if not isinstance(v, str) and v}
+    for arm in ("dense", "ideal", "routed"):
+        src = routed if arm == "routed" else arm
+        row[f"{arm}_{unit}"] = round(med[src], 2) if src in med else None
+    d, r, i = med.get("dense"), med.get(routed), med.get("ideal")
+    ratio = (lambda a, b: a / b) if larger_is_faster else (lambda a, b: b / a)
+    row["speedup"] = round(ratio(r, d), 4) if d and r else None
+    row["ideal_speedup"] = round(ratio(i, d), 4) if d and i else None
+    row["repeats"] = len(values.get(routed, [])) if not isinstance(values.get(routed), str) else 0
+    row.update({k: round(v, 2) for k, v in spread(values[routed]).items()} if routed in med else {})
+    row["spread"] = {k: {kk: round(vv, 2) for kk, vv in spread(v).items()} for k, v in values.items() if k in med}
+    if errors:
+        row["errors"] = errors
+    return row
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rows
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def impl_name(model, batch: int, device) -> str:
+    """What the routed arm's first routed layer runs for `batch` tokens ("triton" or "mask"), or "dense (k = N)"."""
+    mlp = next(iter(model.model.routed_mlps().values()))
+    if mlp.router.top_k >= mlp.router.num_experts:
+        return "dense (k = N)"
+    with torch.no_grad():
+        return mlp.pick_impl(torch.zeros(batch, mlp.hidden_size, device=device, dtype=model.dtype))
+
+
+def decode_rows(name, dense, routed, ideals, args, compiled) -> list[dict]:
+    """One decode row per (batch, k/N [, impl]): dense, ideal and routed arms timed in the same loop."""
+    n = routed.config.num_experts
+    rows = []
+    for batch in args.batches:
+        for ratio in args.ratios:
+            k = max(1, round(ratio * n))
+            for impl in ["auto"] + (["mask"] if args.mask_rows and k < n else []):
+                base = {"model": name, "batch": batch, "k_over_n": k / n, "phase": "decode", "compiled": compiled}
+                arms = {}
+                try:
+                    arms["dense"] = DecodeArm(dense, batch, args, compiled=compiled)
+                    if k < n and ratio in ideals:
+                        arms["ideal"] = DecodeArm(ideals[ratio], batch, args, compiled=compiled)
+                    arms["routed"] = DecodeArm(routed, batch, args, top_k=k, impl=impl, compiled=compiled)
+                    base["impl"] = impl_name(routed, batch, args.device) if impl == "auto" else impl
+                    values = interleaved({a: (lambda arm=arm: arm.tok_s(args.steps)) for a, arm in arms.items()},
+                                         args.repeats)  # fmt: skip
+                    row = make_row(base, values)
+                except Exception as exc:
+                    row = {**base, "error": error_text(exc)}
+                rows.append(row)
+                print_row(row)
+                del arms
+                free(args.device)
+    return rows
+
+
+def prefill_rows(name, dense, routed, ideals, args) -> list[dict]:
+    if args.prefill <= 0:
+        return []
+    n = routed.config.num_experts
+    ids = torch.randint(0, dense.config.vocab_size, (1, args.prefill), device=args.device)
+
+    def timer(model, k=None):
+        @torch.no_grad()
+        def run():
+            if k is not None:
+                routed.model.set_top_k(k)
+            for _ in range(2):  # warm-up: the first call of a shape allocates and may compile
+                model(input_ids=ids, use_cache=False, logits_to_keep=1)
+            sync(args.device)
+            t0 = time.perf_counter()
+            for _ in range(3):
+                model(input_ids=ids, use_cache=False, logits_to_keep=1)
+            sync(args.device)
+            return 3 * args.prefill / (time.perf_counter() - t0)
+
+        return run
+
+    rows = []
+    for ratio in args.ratios:
+        k = max(1, round(ratio * n))
+        base = {"model": name, "batch": 1, "k_over_n": k / n, "phase": "prefill", "compiled": False,
+                "tokens": args.prefill}  # fmt: skip
+        fns = {"dense": timer(dense), "routed": timer(routed, k)}
+        if k < n and ratio in ideals:
+            fns["ideal"] = timer(ideals[ratio])
+        routed.model.set_top_k(k)
+        base["impl"] = impl_name(routed, args.prefill, args.device)
+        rows.append(make_row(base, interleaved(fns, args.repeats)))
+        print_row(rows[-1])
+    return rows
+
+
+def generate_rows(name, routed, args, loop_rows) -> list[dict]:
+    """The user's path: fast_generate at k vs at k = N, same model, same call."""
+    n = routed.config.num_experts
+    rows = []
+    for batch in args.batches:
+        for ratio in [r for r in args.ratios if r < 1][:1]:
+            k = max(1, round(ratio * n))
+            prompt = torch.randint(0, routed.config.vocab_size, (batch, args.prompt), device=args.device)
+            base = {"model": name, "batch": batch, "k_over_n": k / n, "phase": "generate", "compiled": False,
+                    "impl": "fast_generate", "new_tokens": args.steps}  # fmt: skip
+
+            def timer(top_k):
+                def run():
+                    routed.model.set_top_k(top_k)
+                    routed.fast_generate(prompt, args.steps, eos_token_id=[])  # same key: no capture when timed
+                    sync(args.device)
+                    t0 = time.perf_counter()
+                    routed.fast_generate(prompt, args.steps, eos_token_id=[])
+                    sync(args.device)
+                    return batch * args.steps / (time.perf_counter() - t0)
+
+                return run
+
+            row = make_row(base, interleaved({"dense": timer(n), "routed": timer(k)}, args.repeats))
+            loop = [r["speedup"] for r in loop_rows if r.get("phase") == "decode" and r.get("batch") == batch
+                    and r.get("k_over_n") == k / n and r.get("impl") != "mask" and not r.get("compiled")
+                    and r.get("speedup")]  # fmt: skip
+            if loop and row.get("speedup"):
+                row["loop_speedup"] = loop[0]
+                # the issue's bar: the user's path keeps >= 90% of the loop's gain
+                row["fraction_of_loop_gain"] = round((row["speedup"] - 1) / (loop[0] - 1), 3) if loop[0] != 1 else None
+            rows.append(row)
+            print_row(row)
+            routed.clear_fast_generate()
+    routed.model.set_top_k(n)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The FFN alone
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def ffn_variants(tokens: int) -> list[dict]:
+    """Triton variants timed for this many tokens: the mode "auto" would pick first, then the others that apply."""
+    modes = ["gemv1"] if tokens == 1 else [mrl.triton_mode(tokens), *({"gemv", "dot"} - {mrl.triton_mode(tokens)})]
+    return [{"mode": m, "reduce": red} for m in modes for red in ("split", "atomic")]
+
+
+def bytes_read(mlp, x, variant: dict) -> tuple[int, int]:
+    """(bytes the kernels read for x, bytes of the kept clusters' weights): weight tiles of rows any token keeps,
+    rounded out to the kernels' tiles, plus the centroids."""
+    t = {**mrl.TRITON_TILES[variant["mode"]], **variant}
+    with torch.no_grad():
+        keep = torch.zeros(x.shape[0], mlp.router.num_experts, dtype=torch.bool, device=x.device)
+        keep.scatter_(1, mlp.router(x, mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)), True)
+    rows = keep.any(0)[mlp.router.expert_of_neuron(mlp.intermediate_size)].cpu()  # (I,) union of kept neurons
+    h, e = mlp.hidden_size, mlp.gate_proj.weight.element_size()
+
+    def tiled(size):
+        pad = -rows.numel() % size
+        return int(torch.cat([rows, rows.new_zeros(pad)]).view(-1, size).any(1).sum()) * size
+
+    gate_up = 2 * min(tiled(t["BLOCK_R"]), rows.numel()) * h * e
+    down = min(tiled(t["BLOCK_C"]), rows.numel()) * h * e
+    centroids = mlp.router.num_experts * h * e if mlp.router.kind == "centroid" else 0
+    return gate_up + down + centroids, 3 * int(rows.sum()) * h * e
+
+
+def time_us(fn, reps: int, device, graph: bool) -> float:
+    """Microseconds per call of fn (a CUDA graph of `reps` calls on CUDA)."""
+    if graph:
+        fn()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(reps):
+                fn()
+        run = g.replay
+    else:
+        reps = 1
+
+        def run():
+            fn()
+
+    run()
+    sync(device)
+    t0 = time.perf_counter()
+    run()
+    sync(device)
+    return (time.perf_counter() - t0) / reps * 1e6
+
+
+def ffn_rows(shape: str, args, layers: int = 6) -> list[dict]:
+    """One FFN layer alone, M tokens: dense vs ideal vs every Triton variant (and the mask path)."""
     from transformers.models.llama.modeling_llama import LlamaMLP
 
-    rows = []
-    n_layers = 6
-    cfg = llama_config(shape)
-    torch.manual_seed(0)
-    x = torch.randn(1, cfg.hidden_size, device=device, dtype=dtype)
-    with torch.device(device):
-        dense = [LlamaMLP(cfg).to(dtype).eval() for _ in range(n_layers)]
-    t_dense = ffn_us(dense, x, reps, graph)
-    for r in ratios:
-        k = max(1, round(r * num_experts))
-        rcfg = RoutedLlamaConfig(**{kk: v for kk, v in cfg.to_dict().items() if kk not in ("model_type", "dtype")},
-                                 num_experts=num_experts, num_experts_per_tok=k, routing_impl="auto")  # fmt: skip
-        with torch.device(device):
-            icfg = llama_config(shape, int(cfg.intermediate_size * k / num_experts))
-            ideal = [LlamaMLP(icfg).to(dtype).eval() for _ in range(n_layers)]
-            routed = []
-            for d in dense:
-                m = mrl.RoutedLlamaMLP(rcfg, 0).to(dtype).eval()
-                m.load_state_dict(d.state_dict(), strict=False)
-                m.refresh_router()
-                routed.append(m)
-        t_ideal = ffn_us(ideal, x, reps, graph)
-        best = None
-        for tiles in tile_grid:
-            mrl.TRITON_TILES.update(tiles)
-            try:
-                t = ffn_us(routed, x, reps, graph)
-            except Exception as exc:  # a tile config that does not compile on this device
-                print(f"  tiles {tiles} failed: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
-                continue
-            if best is None or t < best[0]:
-                best = (t, dict(tiles))
-        if best is None:
-            raise RuntimeError("no Triton tile configuration ran")
-        mrl.TRITON_TILES.update(best[1])
-        rows.append({"model": shape, "batch": 1, "k_over_n": k / num_experts, "phase": "ffn",
-                     "dense_us": round(t_dense, 2), "ideal_us": round(t_ideal, 2), "routed_us": round(best[0], 2),
-                     "speedup": round(t_dense / best[0], 3), "ideal_speedup": round(t_dense / t_ideal, 3),
-                     "tiles": best[1]})  # fmt: skip
-        print(f"ffn {shape} k/N={k / num_experts:.3g}: dense {t_dense:.1f} us, ideal {t_ideal:.1f} us, routed "
-              f"{best[0]:.1f} us ({t_dense / best[0]:.2f}x), tiles {best[1]}", flush=True)  # fmt: skip
-    return rows
-
-
-def tile_grid(quick: bool):
-    base = dict(mrl.TRITON_TILES)
-    if quick:
-        return [base]
-    grid = []
-    for br in (16, 32, 64):
-        for bk in (128, 256):
-            for split in (4, 8):
-                for wg in (4,):
-                    grid.append({**base, "BLOCK_R": br, "BLOCK_K": bk, "SPLIT": split, "warps_gu": wg,
-                                 "BLOCK_H": 32 if br == 16 else 64, "BLOCK_C": 64})  # fmt: skip
-    return grid
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", nargs="*", default=["tinyllama", "llama7b"])
-    p.add_argument("--standin", default=None, help="also benchmark the stand-in: a GGUF file or HF folder")
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5, 1.0])
-    p.add_argument("--num-experts", type=int, default=32)
-    p.add_argument("--prompt", type=int, default=64)
-    p.add_argument("--steps", type=int, default=128)
-    p.add_argument("--prefill", type=int, default=512)
-    p.add_argument("--prefill-repeats", type=int, default=10)
-    p.add_argument("--ffn-reps", type=int, default=200)
-    p.add_argument("--tune", action="store_true", help="sweep Triton tile sizes in the FFN benchmark")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--no-graph", action="store_true")
-    p.add_argument("--out", default=None, help="write decode.json and speedup.png here")
-    args = p.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    graph = not args.no_graph
+    runs_kernels = device.type == "cuda" or mrl.TRITON_INTERPRET
+    graph = device.type == "cuda"
+    cfg, n = llama_config(shape), args.num_clusters
+    with torch.device(device):
+        dense = [LlamaMLP(cfg).to(dtype).eval() for _ in range(layers)]
     rows = []
-    t_start = time.time()
-    if args.shapes:
-        ffn_shape = "llama7b" if "llama7b" in args.shapes else args.shapes[0]
-        rows += ffn_rows(ffn_shape, device, dtype, [r for r in args.ratios if r < 1], args.num_experts, graph,
-                         args.ffn_reps, tile_grid(not args.tune))  # fmt: skip
-    for shape in args.shapes + (["standin"] if args.standin else []):
-        rows += model_rows(shape, args, device, dtype, graph)
-        if args.out:
-            write(args, rows, t_start)
-    print_table(rows)
-    if args.out:
-        write(args, rows, t_start)
-
-
-def load_standin(path, device, dtype):
-    from transformers import AutoModelForCausalLM
-
-    p = Path(path)
-    kw = {"gguf_file": p.name} if p.suffix == ".gguf" else {}
-    model = AutoModelForCausalLM.from_pretrained(p.parent if kw else p, dtype=torch.float32, **kw)
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer.remove_quantization_config(model)
-    return model.to(device=device, dtype=dtype).eval()
-
-
-def model_rows(shape, args, device, dtype, graph):
-    rows = []
-    dense = load_standin(args.standin, device, dtype) if shape == "standin" else build_dense(shape, device, dtype)
-    name = "smollm2-135m" if shape == "standin" else shape
-    inter = dense.config.intermediate_size
-    results = {}
-    for b in args.batches:
-        results[("decode", b)] = decode_tok_s(dense, b, args.prompt, args.steps, graph)
-    results[("prefill", 1)] = prefill_tok_s(dense, args.prefill, args.prefill_repeats)
-    for r in args.ratios:
-        k = max(1, round(r * args.num_experts))
-        kn = k / args.num_experts
-        # the ideal model: the same shape with an FFN k/N as wide (random weights: speed does not depend on them)
-        ideal = dense if k == args.num_experts else build_dense(name, device, dtype, intermediate=int(inter * kn))
-        routed = build_routed(dense, args.num_experts, k, "auto")
-        for phase, b in [("decode", b) for b in args.batches] + [("prefill", 1)]:
-            t_sparse = None
-            if phase == "decode":
-                t_ideal = decode_tok_s(ideal, b, args.prompt, args.steps, graph)
-                t_routed = decode_tok_s(routed, b, args.prompt, args.steps, graph)
-                if k < args.num_experts:  # the fused kernels, which "auto" does not pick (they lose on the H200)
-                    routed.config.routing_impl = "sparse"
-                    t_sparse = decode_tok_s(routed, b, args.prompt, args.steps, graph)
-                    routed.config.routing_impl = "auto"
-            else:
-                t_ideal = prefill_tok_s(ideal, args.prefill, args.prefill_repeats)
-                t_routed = prefill_tok_s(routed, args.prefill, args.prefill_repeats)
-            t_dense = results[(phase, b)]
-            with torch.no_grad():  # the timed calls run without grad; outside it the Triton path is refused
-                x = torch.zeros(b if phase == "decode" else args.prefill, dense.config.hidden_size, device=device,
-                                dtype=dtype)  # fmt: skip
-                impl = "dense (k = N)" if k == args.num_experts else routed.model.layers[0].mlp.pick_impl(x)
-            row = {"model": name, "batch": b, "k_over_n": kn, "phase": phase, "tokens": args.prefill if phase == "prefill" else 1,
-                   "dense_tok_s": round(t_dense, 1), "ideal_tok_s": round(t_ideal, 1), "routed_tok_s": round(t_routed, 1),
-                   "speedup": round(t_routed / t_dense, 3), "ideal_speedup": round(t_ideal / t_dense, 3),
-                   "routed_impl": impl, "routed_sparse_tok_s": None if t_sparse is None else round(t_sparse, 1),
-                   "sparse_speedup": None if t_sparse is None else round(t_sparse / t_dense, 3)}  # fmt: skip
-            rows.append(row)
-            print(f"{name:13s} {phase:7s} b={b} k/N={kn:.3g}: dense {t_dense:9.1f} ideal {t_ideal:9.1f} routed "
-                  f"{t_routed:9.1f} tok/s  speedup {t_routed / t_dense:.3f} (ideal {t_ideal / t_dense:.3f}) [{impl}]",
-                  flush=True)  # fmt: skip
-        del routed
-        if ideal is not dense:
-            del ideal
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    del dense
+    for ratio in [r for r in args.ratios if r < 1]:
+        k = max(1, round(ratio * n))
+        rcfg = RoutedLlamaConfig(**{a: b for a, b in cfg.to_dict().items() if a not in LLAMA_KEYS}, num_experts=n,
+                                 num_experts_per_tok=k)  # fmt: skip
+        with torch.device(device):
+            ideal = [LlamaMLP(narrower(cfg, k / n)).to(dtype).eval() for _ in range(layers)]
+            routed = [mrl.RoutedLlamaMLP(rcfg, 0).to(dtype).eval() for _ in range(layers)]
+        for d, r in zip(dense, routed):
+            r.load_state_dict(d.state_dict(), strict=False, assign=True)
+            r.refresh_router()
+        for tokens in args.ffn_tokens:
+            x = torch.randn(tokens, cfg.hidden_size, device=device, dtype=dtype)
+            fns = {"dense": cycle(dense, x), "ideal": cycle(ideal, x), "mask": cycle([m.forward_mask for m in routed], x)}
+            if runs_kernels:
+                for v in ffn_variants(tokens):
+                    fns[f"{v['mode']}/{v['reduce']}"] = cycle([kernel_call(m, v) for m in routed], x)
+            per_call = {name: (lambda f=f: time_us(f, args.ffn_reps, device, graph) / layers) for name, f in fns.items()}
+            values = interleaved(per_call, args.repeats)
+            for name in [nm for nm in fns if nm not in ("dense", "ideal")]:
+                base = {"model": shape, "batch": tokens, "k_over_n": k / n, "phase": "ffn", "compiled": False,
+                        "impl": name}  # fmt: skip
+                row = make_row(base, {"dense": values["dense"], "ideal": values["ideal"], name: values[name]},
+                               routed=name, larger_is_faster=False, unit="us")  # fmt: skip
+                if name != "mask" and row.get("routed_us"):
+                    mode, reduce = name.split("/")
+                    read, kept = bytes_read(routed[0], x, {"mode": mode, "reduce": reduce})
+                    row.update(bytes_read=read, kept_bytes=kept, gb_s=round(read / row["routed_us"] / 1e3, 1))
+                if row.get("dense_us"):
+                    dense_bytes = 3 * cfg.hidden_size * cfg.intermediate_size * dense[0].gate_proj.weight.element_size()
+                    row["dense_gb_s"] = round(dense_bytes / row["dense_us"] / 1e3, 1)
+                rows.append(row)
+                print_row(row)
+        del ideal, routed
+        free(device)
     return rows
+
+
+def cycle(fns, x):
+    """A call of every layer in turn on the same input (so each weight is read from memory, not from cache)."""
+
+    def body():
+        for f in fns:
+            f(x)
+
+    return body
+
+
+def kernel_call(mlp, variant: dict):
+    r = mlp.router
+    kw = dict(w_gate=mlp.gate_proj.weight, w_up=mlp.up_proj.weight, w_down=mlp.down_proj.weight, top_k=r.top_k,
+              row_cluster=r.row_cluster(mlp.intermediate_size), offsets=r.expert_offsets,
+              centroids=r.centroids if r.kind == "centroid" else None, tiles=variant)  # fmt: skip
+    return lambda x: mrl.triton_routed_ffn(x, **kw)
+
+
+def tune_rows(shape: str, args) -> list[dict]:
+    """Alternative tile sizes for the 1-token and 4-token modes at one shape, k/N = 1/2 (microseconds per FFN)."""
+    sub = argparse.Namespace(**{**vars(args), "ratios": [0.5], "ffn_tokens": []})
+    rows = []
+    grid = {
+        "gemv1": [dict(BLOCK_R=r, BLOCK_K=kk, BLOCK_H=bh, BLOCK_C=bc) for r in (4, 8, 16) for kk in (256, 512, 1024)
+                  for bh, bc in ((16, 256), (32, 128))],
+        "dot": [dict(BLOCK_R=r, BLOCK_K=kk, BLOCK_H=bh, BLOCK_C=bc) for r in (16, 32, 64) for kk in (64, 128, 256)
+                for bh, bc in ((32, 128), (64, 64))],
+    }  # fmt: skip
+    saved = {m: dict(t) for m, t in mrl.TRITON_TILES.items()}
+    for mode, tokens in (("gemv1", 1), ("dot", 4)):
+        for tiles in grid[mode]:
+            mrl.TRITON_TILES[mode].update(tiles)
+            try:
+                got = [r for r in ffn_rows(shape, argparse.Namespace(**{**vars(sub), "ffn_tokens": [tokens]}))
+                       if r["impl"] == f"{mode}/split"]  # fmt: skip
+                rows.append({"mode": mode, "tokens": tokens, **tiles, "us": got[0].get("routed_us") if got else None})
+            except Exception as exc:
+                rows.append({"mode": mode, "tokens": tokens, **tiles, "error": error_text(exc)})
+            finally:
+                mrl.TRITON_TILES[mode].clear()
+                mrl.TRITON_TILES[mode].update(saved[mode])
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Driver and output
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def free(device):
+    import gc
+
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def model_rows(shape: str, args) -> list[dict]:
+    """Decode (eager-graph and, with --compile, compiled), prefill and user's-path rows for one model."""
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if shape == "standin":
+        name, dense, routed = load_standin(args.standin, device, dtype, args.num_clusters)
+    else:
+        name, dense = shape, build_dense(llama_config(shape), device, dtype)
+        routed = routed_from_dense(dense, args.num_clusters)
+    n = routed.config.num_experts
+    ideals = {r: build_dense(narrower(dense.config, max(1, round(r * n)) / n), device, dtype) for r in args.ratios
+              if r < 1}  # fmt: skip
+    rows = decode_rows(name, dense, routed, ideals, args, compiled=False)
+    if args.compile:
+        rows += decode_rows(name, dense, routed, ideals, args, compiled=True)
+    rows += prefill_rows(name, dense, routed, ideals, args)
+    rows += generate_rows(name, routed, args, rows)
+    return rows
+
+
+def guarded(fn, label: str, *a) -> list[dict]:
+    """fn(*a), or one error row if it raises (a model that cannot be built must not end the run)."""
+    try:
+        return fn(*a)
+    except Exception as exc:
+        return [{"model": label, "phase": "setup", "error": error_text(exc)}]
+
+
+def run(args) -> dict:
+    from routed_llama.hardware import hardware
+    from routed_llama.io import command_line
+
+    t0 = time.time()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "format_version": 2,
+        "hardware": hardware(args.device),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": command_line(),
+        "dtype": args.dtype,
+        "num_clusters": args.num_clusters,
+        "prompt_tokens": args.prompt,
+        "decode_steps": args.steps,
+        "repeats": args.repeats,
+        "triton_tiles": mrl.TRITON_TILES,
+        "triton_options": mrl.TRITON_OPTIONS,
+        "auto_triton_max_tokens": mrl.AUTO_TRITON_MAX_TOKENS,
+        "rows": [],
+    }
+    if args.shapes and args.ffn_tokens:
+        doc["rows"] += guarded(ffn_rows, args.shapes[0], args.shapes[0], args)
+        write(doc, out, t0)
+    if args.tune and args.shapes:
+        doc["tuning"] = guarded(tune_rows, args.shapes[0], args.shapes[0], args)
+    for shape in args.shapes + (["standin"] if args.standin else []):
+        doc["rows"] += guarded(model_rows, shape, shape, args)
+        free(args.device)
+        write(doc, out, t0)
+    print_table(doc["rows"])
+    return doc
+
+
+def write(doc: dict, out: Path, t0: float):
+    from routed_llama.io import write_json
+
+    doc["wall_seconds"] = round(time.time() - t0, 1)
+    write_json(out / "decode.json", doc)
+    try:
+        plot(doc, out / "speedup.png")
+    except Exception as exc:  # a figure must not cost the numbers
+        error_text(exc)
+
+
+def print_row(r: dict):
+    if "error" in r:
+        print(f"{r.get('model')} {r.get('phase')} b={r.get('batch')} k/N={r.get('k_over_n')}: ERROR {r['error']}")
+        return
+    unit = "us" if r["phase"] == "ffn" else "tok_s"
+    print(f"{r['model']:12s} {r['phase']:8s} b={r['batch']} k/N={r['k_over_n']:.3g} {r.get('impl', ''):14s} "
+          f"dense {r.get('dense_' + unit)} ideal {r.get('ideal_' + unit)} routed {r.get('routed_' + unit)} "
+          f"speedup {r.get('speedup')} (ideal {r.get('ideal_speedup')})"
+          + (f" {r['gb_s']} GB/s" if r.get("gb_s") else "") + (f" errors {r['errors']}" if r.get("errors") else ""),
+          flush=True)  # fmt: skip
 
 
 def print_table(rows):
-    print("\n| model | phase | batch | k/N | dense tok/s | ideal tok/s | routed tok/s | speedup | ideal speedup |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| model | phase | batch | k/N | impl | compiled | dense | ideal | routed | speedup | ideal speedup |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        if r["phase"] == "ffn":
-            print(f"| {r['model']} FFN only | ffn | 1 | {r['k_over_n']:.3g} | {r['dense_us']} us | {r['ideal_us']} us | "
-                  f"{r['routed_us']} us | {r['speedup']:.3f} | {r['ideal_speedup']:.3f} |")  # fmt: skip
-        else:
-            print(f"| {r['model']} | {r['phase']} | {r['batch']} | {r['k_over_n']:.3g} | {r['dense_tok_s']} | "
-                  f"{r['ideal_tok_s']} | {r['routed_tok_s']} | {r['speedup']:.3f} | {r['ideal_speedup']:.3f} |")  # fmt: skip
+        if "error" in r:
+            print(f"| {r.get('model')} | {r.get('phase')} | {r.get('batch')} | {r.get('k_over_n')} | error: "
+                  f"{r['error'][:60]} | | | | | | |")  # fmt: skip
+            continue
+        unit = "us" if r["phase"] == "ffn" else "tok_s"
+        print(f"| {r['model']} | {r['phase']} | {r['batch']} | {r['k_over_n']:.3g} | {r.get('impl')} | "
+              f"{r.get('compiled')} | {r.get('dense_' + unit)} | {r.get('ideal_' + unit)} | {r.get('routed_' + unit)} "
+              f"| {r.get('speedup')} | {r.get('ideal_speedup')} |")  # fmt: skip
 
 
-def hardware(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU {platform.machine()}"
-
-
-def write(args, rows, t_start):
-    import transformers
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(args.device)
-    doc = {
-        "format_version": 1,
-        "hardware": hardware(device),
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python " + " ".join([Path(sys.argv[0]).as_posix().split("/routed-llama/")[-1], *sys.argv[1:]]),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "dtype": args.dtype,
-        "cuda_graphs": not args.no_graph,
-        "num_experts": args.num_experts,
-        "prompt_tokens": args.prompt,
-        "decode_steps": args.steps,
-        "wall_seconds": round(time.time() - t_start, 1),
-        "rows": rows,
-    }
-    tmp = out / "decode.json.tmp"
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    tmp.replace(out / "decode.json")
-    plot(rows, out / "speedup.png", doc)
-
-
-def plot(rows, path, doc):
+def plot(doc: dict, path: Path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = sorted({(r["model"], r["phase"], r["batch"]) for r in rows if r["phase"] != "ffn"})
-    if not groups:
-        return
-    fig, ax = plt.subplots(figsize=(7.5, 4.6), dpi=120)
+    rows = [r for r in doc["rows"] if r.get("speedup") and r["phase"] in ("decode", "generate", "prefill")]
+    ffn = [r for r in doc["rows"] if r.get("speedup") and r["phase"] == "ffn"]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.6), dpi=110)
+    groups = sorted({(r["model"], r["phase"], r["batch"], r.get("impl") == "mask", r["compiled"]) for r in rows})
     for g in groups:
-        rs = sorted((r for r in rows if (r["model"], r["phase"], r["batch"]) == g), key=lambda r: r["k_over_n"])
+        rs = sorted((r for r in rows if (r["model"], r["phase"], r["batch"], r.get("impl") == "mask", r["compiled"])
+                     == g), key=lambda r: r["k_over_n"])  # fmt: skip
+        label = f"{g[0]} {g[1]} b={g[2]}" + (" mask" if g[3] else "") + (" compiled" if g[4] else "")
         x = [r["k_over_n"] for r in rs]
-        line = ax.plot(x, [r["speedup"] for r in rs], marker="o", label=f"{g[0]} {g[1]} b={g[2]}")[0]
-        ax.plot(x, [r["ideal_speedup"] for r in rs], ls=":", color=line.get_color())
-    for r in rows:
-        if r["phase"] == "ffn":
-            ax.scatter([r["k_over_n"]], [r["speedup"]], marker="*", s=90, color="k", zorder=5)
+        line = ax.plot(x, [r["speedup"] for r in rs], marker="o", label=label)[0]
+        if any(r.get("ideal_speedup") for r in rs):
+            ax.plot(x, [r.get("ideal_speedup") or float("nan") for r in rs], ls=":", color=line.get_color())
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_xlabel("k / N (fraction of FFN clusters kept)")
-    ax.set_ylabel("speedup over dense (routed / dense tok/s)")
-    ax.set_title(f"{doc['hardware']}, {doc['dtype']}: solid = routed, dotted = ideal; * = 7B FFN alone", fontsize=9)
+    ax.set_ylabel("speedup over dense (median)")
+    ax.set_title("decode / prefill / fast_generate: solid = routed, dotted = ideal", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    if groups:
+        ax.legend(fontsize=6, ncol=2)
+    labels = [f"{r['model']} M={r['batch']} k/N={r['k_over_n']:.2g} {r['impl']}" for r in ffn]
+    bx.barh(range(len(ffn)), [r["speedup"] for r in ffn], color=["C1" if r["impl"] == "mask" else "C0" for r in ffn])
+    for i, r in enumerate(ffn):
+        bx.text(r["speedup"], i, f" {r.get('gb_s', '')} GB/s" if r.get("gb_s") else "", va="center", fontsize=6)
+    bx.set_yticks(range(len(ffn)), labels, fontsize=6)
+    bx.axvline(1.0, color="grey", lw=0.8)
+    bx.set_xlabel("FFN alone: speedup over dense (cuBLAS)")
+    fig.suptitle(f"{doc['hardware']['name']}, {doc['dtype']}, {doc['date']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
+def main(argv=None) -> int:
+    run(parse_args(argv))
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
