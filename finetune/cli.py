@@ -49,7 +49,14 @@ class _Repeatable(argparse.Action):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Help keeps the docstrings' line breaks and shows every default."""
+    """Help keeps the docstrings' line breaks and shows each default that is a value (not None or False) and that
+    the help text does not already state."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, False) or "default" in text:
+            return text
+        return super()._get_help_string(action)
 
 
 class SettingsParser(settings_cli.SettingsParser):
