@@ -103,6 +103,8 @@ class CompareSettings:
         "help": "an lr grid: each arm's lr is chosen on a held-out slice of train (not dev); default: the recipe's lr"})
     lr_holdout: float = field(default=0.1, metadata={"help": "fraction of train held out to choose the lr"})
     jobs: int = field(default=1, metadata={"help": "runs at a time (persistent workers, round-robin over the GPUs)"})
+    group: int = field(default=1, metadata={
+        "help": "runs of one arm trained side by side by each worker (fast engine, one CUDA stream each)"})
     name: str | None = field(default=None, metadata={"help": "experiment name (default: the output folder's name)"})
     checkpoint_dir: str | None = field(default=None, metadata={
         "help": "where routed arms are converted (default OUTPUT/checkpoints; a finished conversion is reused)"})
@@ -129,6 +131,8 @@ class CompareSettings:
         if not 0 < self.lr_holdout < 1:
             raise UserError(f"lr_holdout must be in (0, 1), got {self.lr_holdout}")
         check_jobs(self.jobs)
+        if isinstance(self.group, bool) or not isinstance(self.group, int) or self.group < 1:
+            raise UserError(f"group must be an integer >= 1, got {self.group!r}")
         if not self.output:
             raise UserError("need an output folder")
         if self.overwrite and self.resume:
@@ -248,7 +252,7 @@ def choose_lrs(settings: CompareSettings, recipe: RunConfig, refs: dict, log) ->
     configs = [replace(recipe, model=refs[a], arm=a, seed=seed, lr=lr, holdout_fraction=settings.lr_holdout,
                        eval_routing_off=False) for a, lr in pairs]  # fmt: skip
     dirs = [Path(settings.output) / SELECTION / f"{a}-lr{lr:g}" for a, lr in pairs]
-    results = run_many(configs, dirs, settings.jobs, settings.resume, log)
+    results = run_many(configs, dirs, settings.jobs, settings.resume, log, group=settings.group)
     primary = tasks.get_task(recipe.task).primary
     selection = {a: {} for a in refs}
     for r in results:
@@ -270,7 +274,7 @@ def compare(settings: CompareSettings, recipe: RunConfig | None = None, log=prin
     pairs = [(a, s) for s in settings.seeds for a in refs]
     configs = [replace(recipe, model=refs[a], arm=a, seed=s, lr=chosen[a], holdout_fraction=None) for a, s in pairs]
     dirs = [Path(settings.output) / RUNS / f"{a}-seed{s}" for a, s in pairs]
-    results = run_many(configs, dirs, settings.jobs, settings.resume, log)
+    results = run_many(configs, dirs, settings.jobs, settings.resume, log, group=settings.group)
     arms = {BASELINE: {"name": BASELINE}}
     arms.update({a.name: asdict(a) if a.checkpoint is None else _checkpoint_arm(a.name, a.checkpoint)
                  for a in settings.arm_list})  # fmt: skip

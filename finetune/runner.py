@@ -158,19 +158,21 @@ def _environment(**values: str | None):
 
 
 def _worker(threads: int, tasks_q, results_q):
-    """A worker's loop: take (index, config) until None; report ("done"|"error", index, detail) for each."""
+    """A worker's loop: take (indices, configs) until None, train them side by side (`train.run_group`); report
+    ("done"|"error", index, detail) for each."""
     import torch
 
     torch.set_num_threads(threads)
-    from .train import run_one
+    from .train import run_group
 
     while (item := tasks_q.get()) is not None:
-        i, cfg = item
+        indices, cfgs = item
         try:
-            run_one(RunConfig(**cfg))
-            results_q.put(("done", i, None))
+            run_group([RunConfig(**c) for c in cfgs])
+            for i in indices:
+                results_q.put(("done", i, None))
         except BaseException as exc:  # noqa: BLE001 - reported to the parent, which decides
-            results_q.put(("error", i, _portable(exc)))
+            results_q.put(("error", indices[0], _portable(exc)))
             if not isinstance(exc, Exception):
                 raise
 
@@ -234,12 +236,35 @@ def _wait(procs, results_q, pending: set[int], run_dirs, on_done: Callable[[int]
         on_done(i)
 
 
+def pack(configs: list[RunConfig], todo: list[int], group: int) -> list[list[int]]:
+    """`todo` cut into units of at most `group` runs that may train side by side (fast engine, same task, data and
+    recipe; they differ only in seed, lr, arm, model...: see `train.check_group`), in the order of their first run."""
+    from .train import GROUP_FIELDS_FREE
+
+    units: list[list[int]] = []
+    open_unit: dict[str, list[int]] = {}
+    for i in todo:
+        cfg = configs[i]
+        rec = {k: v for k, v in asdict(cfg).items() if k not in GROUP_FIELDS_FREE}
+        key = json.dumps(rec, sort_keys=True, default=str)
+        if group <= 1 or cfg.engine == "trainer":
+            units.append([i])
+            continue
+        unit = open_unit.get(key)
+        if unit is None or len(unit) >= group:
+            unit = open_unit[key] = []
+            units.append(unit)
+        unit.append(i)
+    return units
+
+
 # --- the entry point ------------------------------------------------------------------------------------------------
 
 
 def run_many(configs: list[RunConfig], run_dirs: list[Path], jobs: int, resume: bool, log=print,
-             devices: list[str] | None = None, threads: int | None = None) -> list[dict]:  # fmt: skip
-    """Run every config into its run folder, `jobs` at a time; return the results in config order.
+             devices: list[str] | None = None, threads: int | None = None, group: int = 1) -> list[dict]:  # fmt: skip
+    """Run every config into its run folder, `jobs` workers at a time, each training up to `group` compatible runs
+    side by side (`pack`); return the results in config order.
 
     With `resume`, a run whose folder holds a complete result.json of the same config is kept (and read back), a
     folder without one (an interrupted run) is cleared and redone. `devices` (default: `visible_devices()`) are the
@@ -257,7 +282,8 @@ def run_many(configs: list[RunConfig], run_dirs: list[Path], jobs: int, resume: 
     todo = [i for i, r in enumerate(results) if r is None]
     if not todo:
         return results
-    placement = place_workers(min(jobs, len(todo)), visible_devices() if devices is None else devices)
+    units = pack(configs, todo, group)
+    placement = place_workers(min(jobs, len(units)), visible_devices() if devices is None else devices)
     threads = cpu_threads(jobs) if threads is None else threads
     procs, tasks_q, results_q = _start_workers(placement, threads)
 
@@ -269,8 +295,8 @@ def run_many(configs: list[RunConfig], run_dirs: list[Path], jobs: int, resume: 
         log(result_line(r))
 
     try:
-        for i in todo:
-            tasks_q.put((i, asdict(configs[i])))
+        for unit in units:
+            tasks_q.put((unit, [asdict(configs[i]) for i in unit]))
         for _ in procs:
             tasks_q.put(None)
         _wait(procs, results_q, set(todo), run_dirs, on_done)

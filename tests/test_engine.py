@@ -207,3 +207,16 @@ def test_runs_trained_side_by_side_equal_runs_alone(tiny_tok_dir, tmp_path):
         assert t["group_size"] == 2 and a["group_size"] == 1
     with pytest.raises(ValueError, match="must agree on"):
         train.run_group([cfg, replace(cfg, epochs=2)])
+
+
+def test_runner_packs_only_compatible_runs_in_order():
+    from dataclasses import replace
+
+    from finetune import runner
+
+    base = RunConfig(task="rte", engine="fast")
+    cfgs = [replace(base, seed=0), replace(base, seed=1, task="mrpc"), replace(base, seed=2), replace(base, seed=3),
+            replace(base, seed=4, arm="routed", model="ckpt"), replace(base, seed=5, engine="trainer")]  # fmt: skip
+    assert runner.pack(cfgs, list(range(6)), group=3) == [[0, 2, 3], [1], [4], [5]]
+    assert runner.pack(cfgs, list(range(6)), group=2) == [[0, 2], [1], [3, 4], [5]]
+    assert runner.pack(cfgs, [0, 2], group=1) == [[0], [2]]
