@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from routed_llama.errors import UserError
+
 from . import tasks
 
 
@@ -49,18 +51,20 @@ class RunConfig:
         tasks.get_task(self.task)
         for name in ("lr", "epochs", "batch_size", "eval_batch_size", "lora_r", "max_length"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+                raise UserError(f"{name} must be > 0, got {getattr(self, name)}")
         if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+            raise UserError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.holdout_fraction is not None and not 0 < self.holdout_fraction < 1:
-            raise ValueError(f"holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
+            raise UserError(f"holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
-            raise ValueError(f"precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
+            raise UserError(f"precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
+        if self.routing_impl not in (None, "mask", "sparse", "auto"):
+            raise UserError(f"routing_impl must be mask, sparse or auto, got {self.routing_impl!r}")
         if self.engine not in ("auto", "fast", "trainer"):
-            raise ValueError(f"engine must be auto, fast or trainer, got {self.engine!r}")
+            raise UserError(f"engine must be auto, fast or trainer, got {self.engine!r}")
         b = list(self.buckets)
         if not b or any(int(x) != x or x <= 0 or x % 8 for x in b) or b != sorted(set(b)):
-            raise ValueError(f"buckets must be ascending distinct positive multiples of 8, got {self.buckets}")
+            raise UserError(f"buckets must be ascending distinct positive multiples of 8, got {self.buckets}")
         if b[-1] < self.max_length:
-            raise ValueError(f"the largest bucket ({b[-1]}) must be >= max_length ({self.max_length}): nothing is truncated")
+            raise UserError(f"the largest bucket ({b[-1]}) must be >= max_length ({self.max_length}): nothing is truncated")
         return self

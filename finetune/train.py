@@ -216,34 +216,3 @@ def save(cfg: RunConfig, task: tasks.Task, s: Setup, result: dict):
     adapters.save_adapter(s.model, out / "adapter", info)
     (out / "result.json").write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
 
-
-@torch.no_grad()
-def evaluate_adapter(adapter_dir: str, data_dir: str | None = None, max_eval_samples: int | None = None,
-                     top_k: int | None = None, batch_size: int = 32, device: str | None = None,
-                     precision: str = "auto") -> dict:  # fmt: skip
-    """Score a saved adapter on its task's dev set, batching and casting as the Trainer's evaluation does
-    (sequential batches padded to a multiple of 8; bf16 autocast where training used it)."""
-    from transformers import DataCollatorWithPadding
-
-    model, tokenizer, info = adapters.load_finetuned(adapter_dir, top_k=top_k)
-    task = tasks.get_task(info["task"])
-    rows = tasks.load_split(task, "validation", data_dir, max_eval_samples, seed=0)
-    ds, order = data.by_length(data.encode(task, rows, tokenizer, info.get("max_length", 256)))
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
-    collate = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8)
-    amp = precision if precision != "auto" else ("bf16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "fp32")
-    preds = []
-    for start in range(0, len(ds), batch_size):
-        batch = collate([{k: v for k, v in it.items() if k != "labels"} for it in ds.items[start : start + batch_size]])
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=amp == "bf16"):
-            logits = model(**batch).logits  # (B, L)
-        preds.append(logits.squeeze(-1).float().cpu().numpy() if task.is_regression else logits.argmax(-1).cpu().numpy())
-    predictions, labels = np.empty(len(ds)), np.empty(len(ds))
-    predictions[order] = np.concatenate(preds)
-    labels[order] = [it["labels"] for it in ds.items]
-    if not task.is_regression:
-        predictions, labels = predictions.astype(int), labels.astype(int)
-    return {"task": task.name, "metrics": tasks.compute_metrics(task, predictions, labels),
-            "predictions": predictions.tolist(), "info": info}  # fmt: skip
