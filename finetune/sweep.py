@@ -22,7 +22,7 @@ import math
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import tasks
@@ -56,11 +56,12 @@ class SweepSettings:
                                   metadata={"help": f"run only these stages ({', '.join(STAGES)}; 'report': run "
                                                     "nothing, rewrite the report); the report always covers every "
                                                     "finished run"})  # fmt: skip
-    data_dir: str | None = field(default=None, metadata={"help": "local GLUE folder (default: the plan's data_dir)"})
+    data_dir: str | None = field(default=None, metadata={"help": "local GLUE folder; None: the plan's data_dir"})
     checkpoint_dir: str = field(default="outputs/sweep-checkpoints",
                                 metadata={"help": "where each routed config is converted once (reused when there)"})
-    budget_s: float | None = field(default=None, metadata={"help": "start no new batch of runs after this many "
-                                                                   "seconds (then write the report)"})  # fmt: skip
+    budget_s: float | None = field(default=None, metadata={"help": "seconds: start no batch of runs that would end "
+                                                                   "later (estimated from the last batch), then write "
+                                                                   "the report; None: no limit"})  # fmt: skip
 
     def __post_init__(self):
         self.only_stage = list(self.only_stage)
@@ -214,7 +215,8 @@ def _routed_config(c: dict) -> RoutedConfig:
     except TypeError as exc:
         raise UserError(f"plan: config {c.get('name')!r}: {exc}") from None
     if not 1 <= int(rc.top_k) <= int(rc.num_clusters):
-        raise UserError(f"plan: config {rc.name}: need 1 <= top_k <= num_clusters, got k={rc.top_k}, N={rc.num_clusters}")
+        raise UserError(f"plan: config {rc.name}: need 1 <= top_k <= num_clusters, got k={rc.top_k}, "
+                        f"N={rc.num_clusters}")  # fmt: skip
     if rc.method not in ("kmeans", "random"):
         raise UserError(f"plan: config {rc.name}: method must be kmeans or random, got {rc.method!r}")
     if rc.router not in ("centroid", "activation"):
@@ -242,7 +244,8 @@ def _check_structure(plan: Plan):
     if set(plan.select_tasks) & set(plan.confirm_tasks):
         raise UserError("plan: the confirmation tasks must be held out from the selection tasks")
     if set(plan.confirm_seeds) & set(plan.round1_seeds):
-        raise UserError(f"plan: the confirmation seeds must be fresh; {sorted(set(plan.confirm_seeds) & set(plan.round1_seeds))} are round-1 seeds")
+        reused = sorted(set(plan.confirm_seeds) & set(plan.round1_seeds))
+        raise UserError(f"plan: the confirmation seeds must be fresh; {reused} are round-1 seeds")
     for t in plan.tasks:
         try:
             RunConfig(**plan.recipe, task=t).validate()

@@ -12,11 +12,15 @@ import numpy as np
 
 from routed_llama.io import write_json, write_text
 
-from . import sweep_stats
+from . import sweep_stats, tasks
 from .sweep import PLAIN, Plan, Progress, lr_cells, round_scores
 
 FORMAT_VERSION = 1
-FIGURES = ("heatmap.png", "forest.png")
+
+
+def _tn(task: str) -> str:
+    """A task's display name (RTE, MRPC, CoLA, STS-B)."""
+    return tasks.get_task(task).folder
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -38,13 +42,17 @@ def not_run(plan: Plan, progress: Progress) -> list[dict]:
     rows = [c for c in _cell_status(progress, lr_cells(plan), "lr") if c["finished_seeds"] < c["planned_seeds"]]
     r1 = _cell_status(progress, progress.round1_cells, "round1")
     rows += [c for c in r1 if c["finished_seeds"] < c["planned_seeds"]]
-    for t in plan.tasks:
-        if t not in progress.lrs:
-            rows += [{"stage": "round1", "arm": a, "task": t, "finished_seeds": 0, "planned_seeds": len(plan.round1_seeds),
-                      "waits_for": "the lr stage of this task"} for a in (PLAIN, *(c.name for c in plan.configs))]  # fmt: skip
+
+    def waiting(stage, arm, task, seeds, why):
+        return {"stage": stage, "arm": arm, "task": task, "finished_seeds": 0, "planned_seeds": len(seeds),
+                "waits_for": why}  # fmt: skip
+
+    arms = (PLAIN, *(c.name for c in plan.configs))
+    rows += [waiting("round1", a, t, plan.round1_seeds, "the lr stage of this task")
+             for t in plan.tasks if t not in progress.lrs for a in arms]  # fmt: skip
     if progress.best is None:
-        rows += [{"stage": "confirmation", "arm": a, "task": t, "finished_seeds": 0, "planned_seeds": len(plan.confirm_seeds),
-                  "waits_for": f"round 1 on {', '.join(plan.select_tasks)} (chooses the config)"}
+        why = f"round 1 on {', '.join(_tn(t) for t in plan.select_tasks)} (it chooses the config)"
+        rows += [waiting("confirmation", a, t, plan.confirm_seeds, why)
                  for t in plan.confirm_tasks for a in (PLAIN, "best config")]  # fmt: skip
     else:
         conf = _cell_status(progress, progress.confirmation_cells, "confirmation")
@@ -109,8 +117,8 @@ HEADLINE_RULE = (
 )
 
 
-def _ci(ci, nd=2) -> str:
-    return "[undefined]" if not ci or None in ci else f"[{ci[0]:+.{nd}f}, {ci[1]:+.{nd}f}]"
+def _ci(ci, nd=2, sign="+") -> str:
+    return "[undefined]" if not ci or None in ci else f"[{ci[0]:{sign}.{nd}f}, {ci[1]:{sign}.{nd}f}]"
 
 
 def headline(plan: Plan, r1: dict, conf: dict | None) -> dict:
@@ -119,14 +127,15 @@ def headline(plan: Plan, r1: dict, conf: dict | None) -> dict:
     done = conf is not None and conf["complete_cells"] == conf["planned_cells"]
     if not done:
         return {**out, "kind": "pending", "sentence": (
-            "No headline yet: the confirmation round (the best round-1 config on " + " + ".join(plan.confirm_tasks).upper()
+            "No headline yet: the confirmation round (the best round-1 config on "
+            + " + ".join(_tn(t) for t in plan.confirm_tasks)
             + " with fresh seeds) is not complete; round-1 numbers are exploratory (a config is chosen among "
             f"{len(plan.configs)}).")}  # fmt: skip
     best = conf["config"]
     c = conf["configs"][best]
     pool = c["pooled"]
     lo, hi = pool["ci95"] or (None, None)
-    held = " + ".join(t.upper() for t in plan.confirm_tasks)
+    held = " + ".join(_tn(t) for t in plan.confirm_tasks)
     if lo is None or hi is None:
         return {**out, "kind": "undefined", "sentence": f"No headline: the confirmation round's pooled CI is undefined "
                 f"({'; '.join(pool['undefined'].values())})."}  # fmt: skip
@@ -138,15 +147,16 @@ def headline(plan: Plan, r1: dict, conf: dict | None) -> dict:
             f"units pooled over {n1} tasks (round 1, where it was chosen), confirmed on held-out tasks ({held}, fresh "
             f"seeds): {pool['delta_z']:+.2f} {_ci(pool['ci95'])}.")}  # fmt: skip
     per_task = "; ".join(
-        f"{t.upper()}: below {cell['ci95'][1]:+.2f} {plan.metrics[t]} points" if cell["ci95"] else f"{t.upper()}: undefined"
+        f"{_tn(t)}: below {cell['ci95'][1]:+.2f} {plan.metrics[t]} points" if cell["ci95"] else f"{_tn(t)}: undefined"
         for t, cell in c["cells"].items()
     )  # fmt: skip
     if hi > 0:
         s = (f"No config beats plain LoRA; any gain of the best round-1 config ({best}) on held-out tasks ({held}, "
              f"fresh seeds) is below {hi:.2f} plain-SD units with 95% confidence ({per_task}).")  # fmt: skip
     else:
-        s = (f"No config beats plain LoRA; on held-out tasks ({held}, fresh seeds) the best round-1 config ({best}) is "
-             f"worse than plain LoRA by at least {-hi:.2f} plain-SD units with 95% confidence ({per_task}).")  # fmt: skip
+        s = (f"No config beats plain LoRA; on held-out tasks ({held}, fresh seeds) the best round-1 config ({best}) "
+             f"is worse than plain LoRA by at least {-hi:.2f} plain-SD units with 95% confidence "
+             f"({per_task}).")  # fmt: skip
     return {**out, "kind": "no_gain", "sentence": s}
 
 
@@ -172,12 +182,13 @@ def _status_lines(plan: Plan, res: dict, progress: Progress) -> list[str]:
         "|---|---|---|",
         f"| lr selection | {lr_done} / {lr_total} | {len(progress.lrs)} / {len(plan.tasks)} tasks |",
         f"| round 1 | {r1_done} / {r1_total} | {r1['complete_cells']} / {len(plan.tasks) * (1 + len(plan.configs))} |",
-        f"| confirmation | {cf_done} / {cf_total} | {cf['complete_cells'] if cf else 0} / {len(plan.confirm_tasks) * 2} |",
+        f"| confirmation | {cf_done} / {cf_total} | {cf['complete_cells'] if cf else 0} / "
+        f"{len(plan.confirm_tasks) * 2} |",
     ]
 
 
 def _round_table(plan: Plan, stats: dict, names: list[str], task_names) -> list[str]:
-    head = " | ".join(f"{t.upper()} Δ {plan.metrics[t]} [95% CI] (p)" for t in task_names)
+    head = " | ".join(f"{_tn(t)} Δ {plan.metrics[t]} [95% CI] (p)" for t in task_names)
     lines = [f"| config | {head} |", "|---|" + "---|" * len(task_names)]
     lines.append("| plain (mean) | " + " | ".join(
         f"{stats['plain_mean'][t]:.2f} (SD {stats['plain_sd'][t]:.2f})" if t in stats["plain_mean"] else "not run"
@@ -193,8 +204,9 @@ def _round_table(plan: Plan, stats: dict, names: list[str], task_names) -> list[
 
 
 def _pooled_table(stats: dict, names: list[str], holm: bool) -> list[str]:
-    lines = ["| config | tasks | units | Δ (plain-SD units) [95% bootstrap CI] | P(routed > plain) [95% CI] (wins/ties/losses) "
-             "| sign-flip p" + (" | Holm p |" if holm else " |"), "|---|---|---|---|---|---|" + ("---|" if holm else "")]  # fmt: skip
+    head = ("| config | tasks | units | Δ (plain-SD units) [95% bootstrap CI] "
+            "| P(routed > plain) [95% CI] (wins/ties/losses) | sign-flip p |")  # fmt: skip
+    lines = [head + (" Holm p |" if holm else ""), "|---|---|---|---|---|---|" + ("---|" if holm else "")]
     for n in names:
         c = stats["configs"].get(n)
         if c is None:
@@ -202,8 +214,10 @@ def _pooled_table(stats: dict, names: list[str], holm: bool) -> list[str]:
             continue
         p, w = c["pooled"], c["pooled"]["win"]
         dz = "undefined" if p["delta_z"] is None else f"{p['delta_z']:+.2f} {_ci(p['ci95'])}"
-        win = "—" if w["p_win"] is None else f"{w['p_win']:.2f} {_ci(w['ci95'])} ({w['wins']}/{w['ties']}/{w['losses']})"
-        lines.append(f"| {n} | {', '.join(p['tasks'])} | {p['n_units']} | {dz} | {win} | {_p(p['p_permutation'])} |"
+        win = "—" if w["p_win"] is None else (f"{w['p_win']:.2f} {_ci(w['ci95'], sign='')} "
+                                               f"({w['wins']}/{w['ties']}/{w['losses']})")  # fmt: skip
+        names_ = ", ".join(_tn(t) for t in p["tasks"])
+        lines.append(f"| {n} | {names_} | {p['n_units']} | {dz} | {win} | {_p(p['p_permutation'])} |"
                      + (f" {_p(p.get('p_holm'))} |" if holm else ""))  # fmt: skip
     return lines
 
@@ -218,8 +232,9 @@ def _routing_off_table(plan: Plan, stats: dict, names: list[str], task_names) ->
             if o is None:
                 continue
             vp, vo = o["vs_plain"], o["vs_routing_on"]
-            lines.append(f"| {n} | {t.upper()} | {c['cells'][t]['routed_mean']:.2f} | {o['mean']:.2f} | "
-                         f"{vp['delta_mean']:+.2f} {_ci(vp['ci95'])} | {vo['delta_mean']:+.2f} {_ci(vo['ci95'])} |")  # fmt: skip
+            on = c["cells"][t]["routed_mean"]
+            lines.append(f"| {n} | {_tn(t)} | {on:.2f} | {o['mean']:.2f} | {vp['delta_mean']:+.2f} {_ci(vp['ci95'])} | "
+                         f"{vo['delta_mean']:+.2f} {_ci(vo['ci95'])} |")  # fmt: skip
     return lines if len(lines) > 2 else ["No complete routed cell yet."]
 
 
@@ -227,14 +242,14 @@ def report(plan: Plan, res: dict, progress: Progress) -> str:
     names = [c.name for c in plan.configs]
     a = plan.analysis
     lines = [
-        f"# Sweep {plan.name}: routed LoRA vs plain LoRA on {', '.join(t.upper() for t in plan.tasks)}",
+        f"# Sweep {plan.name}: routed LoRA vs plain LoRA on {', '.join(_tn(t) for t in plan.tasks)}",
         "",
         f"- model: {plan.model}; hardware: {', '.join(res['hardware']) or '—'}; runs dated "
         f"{' to '.join(res['dates']) if res['dates'] else '—'}",
         f"- plan: `plan.json` (committed before its runs; sha256 of its content {res['plan_sha256'][:12]}); "
         f"command: `{res['command']}`",
         f"- metric per task (final epoch on dev, no epoch picked): "
-        + ", ".join(f"{t.upper()} {m}" for t, m in plan.metrics.items()),
+        + ", ".join(f"{_tn(t)} {m}" for t, m in plan.metrics.items()),
         "",
         "## Headline",
         "",
@@ -250,12 +265,13 @@ def report(plan: Plan, res: dict, progress: Progress) -> str:
     missing = res["not_run"]
     if missing:
         lines += [f"Not run yet ({len(missing)} cells; a cell is reported only with all its seeds):", ""]
-        lines += [f"- {m['stage']}: {m['arm']} on {m['task'].upper()}: {m['finished_seeds']}/{m['planned_seeds']} seeds"
+        lines += [f"- {m['stage']}: {m['arm']}" + (f" at lr {m['lr']:g}" if m["stage"] == "lr" else "")
+                  + f" on {_tn(m['task'])}: {m['finished_seeds']}/{m['planned_seeds']} seeds"
                   + (f" (waits for {m['waits_for']})" if m.get("waits_for") else "") for m in missing]  # fmt: skip
         lines.append("")
     lines += ["## lr selection (plain LoRA, held-out slice of train; dev untouched)", ""]
     for t, by_lr in res["lr_selection"]["holdout_scores"].items():
-        lines.append(f"- {t.upper()}: " + ", ".join(f"lr {lr}: {v['mean']:.2f}" for lr, v in by_lr.items())
+        lines.append(f"- {_tn(t)}: " + ", ".join(f"lr {lr}: {v['mean']:.2f}" for lr, v in by_lr.items())
                      + f" -> **{res['lr_selection']['chosen'][t]:g}**")  # fmt: skip
     r1 = res["round1"]
     lines += ["", f"## Round 1 ({len(plan.round1_seeds)} seeds per cell, exploratory)", "",
@@ -268,12 +284,12 @@ def report(plan: Plan, res: dict, progress: Progress) -> str:
     lines += ["## Confirmation round (the headline)", ""]
     cf = res["confirmation"]
     if cf is None:
-        lines += ["Not run: round 1 is not complete on " + ", ".join(t.upper() for t in plan.select_tasks)
+        lines += ["Not run: round 1 is not complete on " + ", ".join(_tn(t) for t in plan.select_tasks)
                   + " for plain and every config, so the config to confirm is not chosen yet.", ""]  # fmt: skip
     else:
         sel = ", ".join(f"{n} {v:+.2f}" for n, v in cf["selection"]["mean_standardised_delta"].items())
         lines += [f"Chosen config: **{cf['config']}** (mean standardised Δ on "
-                  f"{', '.join(t.upper() for t in plan.select_tasks)}: {sel}).", "",
+                  f"{', '.join(_tn(t) for t in plan.select_tasks)}: {sel}).", "",
                   *_round_table(plan, cf, [cf["config"]], plan.confirm_tasks), "",
                   *_pooled_table(cf, [cf["config"]], holm=False), ""]  # fmt: skip
     lines += [
@@ -284,8 +300,10 @@ def report(plan: Plan, res: dict, progress: Progress) -> str:
         f"- Per cell: paired t over seeds (`scipy.stats.ttest_rel`). Pooled: stratified percentile bootstrap of the "
         f"mean standardised Δ ({a.get('bootstrap_resamples', 10000)} resamples, seeds resampled within each task, "
         "plain SDs held fixed; `scipy.stats.bootstrap`), sign-flip permutation p over the (task, seed) units "
-        "(`scipy.stats.permutation_test`), P(routed > plain) with a Clopper-Pearson CI (`scipy.stats.binomtest`; "
-        "ties are not wins), Holm step-down across the round-1 configs.",
+        "(`scipy.stats.permutation_test`; random flips when there are more arrangements than resamples, so the "
+        f"smallest p it can give is about 2 / ({a.get('permutation_resamples', 10000)} + 1)), P(routed > plain) "
+        "with a Clopper-Pearson CI (`scipy.stats.binomtest`; ties are not wins), Holm step-down across the round-1 "
+        "configs.",
         "- Statistics that cannot be computed are null in results.json, with the reason.",
         "",
         "![Δ per config and task](heatmap.png)",
@@ -310,21 +328,23 @@ def plot_heatmap(plan: Plan, r1: dict, path: Path):
 
     names, ts = [c.name for c in plan.configs], list(plan.tasks)
     z = np.full((len(names), len(ts)), np.nan)
-    fig, ax = plt.subplots(figsize=(2.2 * len(ts) + 2.5, 0.55 * len(names) + 1.6), dpi=120)
+    text = {}
     for i, n in enumerate(names):
         for j, t in enumerate(ts):
             c = r1["configs"].get(n, {}).get("cells", {}).get(t)
             sd = r1["plain_sd"].get(t)
-            if c is None:
-                ax.text(j, i, "not run", ha="center", va="center", fontsize=7, color="0.4")
-                continue
-            if sd:
+            if c is not None and sd:
                 z[i, j] = c["delta_mean"] / sd
-            ax.text(j, i, f"{c['delta_mean']:+.2f}\n{_ci(c['ci95'], 1)}", ha="center", va="center", fontsize=7)
+            text[i, j] = "not run" if c is None else f"{c['delta_mean']:+.2f}\n{_ci(c['ci95'], 1)}"
     lim = max(1.0, float(np.nanmax(np.abs(z))) if np.isfinite(z).any() else 1.0)
+    fig, ax = plt.subplots(figsize=(2.2 * len(ts) + 2.5, 0.55 * len(names) + 1.6), dpi=120)
+    for (i, j), s in text.items():  # white on the darkest cells
+        dark = np.isfinite(z[i, j]) and abs(z[i, j]) > 0.6 * lim
+        color = "white" if dark else "0.4" if s == "not run" else "black"
+        ax.text(j, i, s, ha="center", va="center", fontsize=7, color=color)
     cmap = plt.get_cmap("RdBu").with_extremes(bad="0.9")
     im = ax.imshow(np.ma.masked_invalid(z), cmap=cmap, vmin=-lim, vmax=lim, aspect="auto")
-    ax.set_xticks(range(len(ts)), [f"{t.upper()}\n({plan.metrics[t]})" for t in ts], fontsize=8)
+    ax.set_xticks(range(len(ts)), [f"{_tn(t)}\n({plan.metrics[t]})" for t in ts], fontsize=8)
     ax.set_yticks(range(len(names)), names, fontsize=8)
     fig.colorbar(im, ax=ax, label="Δ / plain SD")
     ax.set_title("Round 1: routed − plain (points, 95% CI over seeds)", fontsize=9)

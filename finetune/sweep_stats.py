@@ -95,7 +95,8 @@ def pooled(deltas: Mapping[str, Sequence[float]], sds: Mapping[str, float | None
     for task, d in deltas.items():
         sd = sds.get(task)
         if sd is None or sd == 0.0:
-            undefined[f"task {task}"] = "left out: the plain arm's across-seed SD is " + ("undefined" if sd is None else "0")
+            why = "undefined" if sd is None else "0"
+            undefined[f"task {task}"] = f"left out: the plain arm's across-seed SD is {why}"
             continue
         z[task] = np.asarray(d, dtype=float) / sd
     out = {"tasks": list(z), "n_units": int(sum(len(v) for v in z.values())), "delta_z": None, "ci95": None,
@@ -177,7 +178,8 @@ def select_best(round_stats: dict, names: Sequence[str], tasks: Sequence[str]) -
         c = round_stats["configs"].get(name)
         if c is None or any(t not in c["cells"] for t in tasks):
             return None, {}
-        scores[name] = float(np.mean(np.concatenate([np.asarray(c["cells"][t]["per_seed_delta"]) / sds[t] for t in tasks])))
+        z = [np.asarray(c["cells"][t]["per_seed_delta"]) / sds[t] for t in tasks]
+        scores[name] = float(np.mean(np.concatenate(z)))
     if not scores or any(v is None for v in scores.values()):
         return None, scores
     best = max(scores, key=lambda n: scores[n])  # max keeps the first of equal values: plan order

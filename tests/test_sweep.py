@@ -8,9 +8,7 @@ writes synthetic result.json files with known effects, so that they test the swe
 
 import functools
 import json
-import math
 import random
-import shutil
 import zlib
 from pathlib import Path
 
@@ -255,7 +253,8 @@ def test_resume_skips_finished_runs_and_redoes_interrupted_ones(world, tmp_path,
     before = len(fake.calls)
     assert sweep.main(_argv(path, out, "--resume")) == 0
     redone = fake.calls[before:]
-    assert sorted((c[0], c[1], c[2]) for c in redone) == sorted((f.parts[-4], f.parts[-3], int(f.parts[-2][4:])) for f in lost)
+    want = sorted((f.parts[-4], f.parts[-3], int(f.parts[-2][4:])) for f in lost)  # runs/<task>/<arm>/seed<s>
+    assert sorted((c[0], c[1], c[2]) for c in redone) == want
     again = _strict_json(out / "results.json")
     for key in ("lr_selection", "round1", "confirmation", "headline", "not_run"):
         assert again[key] == first[key], key
@@ -299,7 +298,8 @@ def test_paired_cell_by_hand():
     tstat = d.mean() / (d.std(ddof=1) / 2)
     assert c["p"] == pytest.approx(2 * t.sf(abs(tstat), 3))
     same = sweep_stats.paired_cell({0: 2.0, 1: 3.0}, {0: 1.0, 1: 2.0})  # Δ = 1 on every seed: no variance
-    assert same["delta_mean"] == 1.0 and same["ci95"] is None and same["p"] is None and "zero variance" in same["undefined"]["p"]
+    assert same["delta_mean"] == 1.0 and same["ci95"] is None and same["p"] is None
+    assert "zero variance" in same["undefined"]["p"]
     one = sweep_stats.paired_cell({0: 2.0}, {0: 1.0})
     assert one["ci95"] is None and one["undefined"]["ci95"] == "fewer than 2 seeds"
 
@@ -344,9 +344,11 @@ def test_pooled_undefined_is_null_with_reason():
 
 def test_choose_lr_and_select_best():
     assert sweep_stats.choose_lr({2e-4: [60, 62], 5e-4: [70, 70], 1e-3: [69, 71]}) == 5e-4  # tie: the smaller
-    stats = {"plain_sd": {"rte": 2.0, "mrpc": 1.0},
-             "configs": {"a": {"cells": {"rte": {"per_seed_delta": [2.0, 2.0]}, "mrpc": {"per_seed_delta": [0.0, 0.0]}}},
-                         "b": {"cells": {"rte": {"per_seed_delta": [0.0, 0.0]}, "mrpc": {"per_seed_delta": [1.5, 1.5]}}}}}  # fmt: skip
+    def cells(rte, mrpc):
+        return {"cells": {"rte": {"per_seed_delta": rte}, "mrpc": {"per_seed_delta": mrpc}}}
+
+    stats = {"plain_sd": {"rte": 2.0, "mrpc": 1.0}, "configs": {"a": cells([2.0, 2.0], [0.0, 0.0]),
+                                                                "b": cells([0.0, 0.0], [1.5, 1.5])}}  # fmt: skip
     best, scores = sweep_stats.select_best(stats, ["a", "b"], ["rte", "mrpc"])
     assert best == "b" and scores == pytest.approx({"a": 0.5, "b": 0.75})
     assert sweep_stats.select_best(stats, ["a", "b", "c"], ["rte", "mrpc"])[0] is None  # c not run: no choice yet
@@ -369,7 +371,7 @@ def test_report_headline_beats_when_confirmed(world, tmp_path, monkeypatch):
     out, res, md = _synthetic_sweep(world, tmp_path, monkeypatch, {"ref": 0.0, "rand": 3.0, "all": -2.0})
     assert res["confirmation"]["config"] == "rand"
     assert res["headline"]["kind"] == "beats" and res["headline"]["sentence"].startswith("Config rand beats plain LoRA")
-    assert res["headline"]["sentence"] in md and "confirmed on held-out tasks (COLA + STSB" in md
+    assert res["headline"]["sentence"] in md and "confirmed on held-out tasks (CoLA + STS-B" in md
     cell = res["round1"]["configs"]["rand"]["cells"]["rte"]
     assert cell["n"] == 10 and cell["delta_mean"] == pytest.approx(3.0, abs=0.6)
     assert res["round1"]["configs"]["all"]["pooled"]["delta_z"] < 0
@@ -392,7 +394,7 @@ def test_report_headline_no_gain_gives_the_bound(world, tmp_path, monkeypatch):
     assert (f"below {hi:.2f} plain-SD units" in s) if hi > 0 else (f"at least {-hi:.2f}" in s)
     for t in ("cola", "stsb"):
         upper = res["confirmation"]["configs"][best]["cells"][t]["ci95"][1]
-        assert f"{t.upper()}: below {upper:+.2f}" in s
+        assert f"{tasks.get_task(t).folder}: below {upper:+.2f}" in s
     assert "Holm" in md and "not run" not in md.split("## What was run")[1].split("## lr selection")[0]
 
 
@@ -402,9 +404,10 @@ def test_partial_cell_is_reported_as_not_run(world, tmp_path, monkeypatch):
     assert sweep.main(_argv(out / "plan.json", out, "--only-stage", "report")) == 0
     res = _strict_json(out / "results.json")
     assert "cola" not in res["round1"]["configs"]["all"]["cells"]
-    assert {"stage": "round1", "arm": "all", "task": "cola", "lr": 1e-3, "finished_seeds": 9, "planned_seeds": 10} in res["not_run"]
+    partial = {"stage": "round1", "arm": "all", "task": "cola", "lr": 1e-3, "finished_seeds": 9, "planned_seeds": 10}
+    assert partial in res["not_run"]
     assert res["round1"]["configs"]["all"]["pooled"]["tasks"] == ["rte", "mrpc", "stsb"]
-    assert "all on COLA: 9/10 seeds" in (out / "report.md").read_text()
+    assert "all on CoLA: 9/10 seeds" in (out / "report.md").read_text()
 
 
 # ---------------------------------------------------------------------------------------------------------------
