@@ -377,3 +377,95 @@ def test_fast_generate_refuses_bad_arguments(tiny_routed_lm):
         tiny_routed_lm.fast_generate(torch.ones(1, 3, dtype=torch.long), 0)
     with pytest.raises(ValueError, match=r"input_ids must be \(batch, length\)"):
         tiny_routed_lm.fast_generate(torch.ones(3, dtype=torch.long), 4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The GPU scripts' CPU-side logic: benchmarks/decode.py and benchmarks/check_gpu.py
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_decode_benchmark_rows_and_a_failing_arm(tmp_path, monkeypatch):
+    """benchmarks/decode.py on the CPU (tiny shape) writes decode.json with every phase and the documented row
+    fields, and a PNG; a routed arm that raises is recorded in its row and the run continues."""
+    decode = load_script("decode")
+    original = decode.DecodeArm.tok_s
+
+    def flaky(self, steps):
+        if self.top_k is not None and self.top_k < self.model.config.num_experts:
+            raise RuntimeError("boom")
+        return original(self, steps)
+
+    monkeypatch.setattr(decode.DecodeArm, "tok_s", flaky)
+    argv = ["--device", "cpu", "--shapes", "tiny", "--steps", "2", "--repeats", "2", "--prefill", "8", "--batches", "1",
+            "--ratios", "0.5", "1.0", "--ffn-tokens", "1", "--ffn-reps", "1", "--out", str(tmp_path)]  # fmt: skip
+    assert decode.main(argv) == 0
+    doc = json.loads((tmp_path / "decode.json").read_text())
+    assert {"hardware", "date", "command", "rows"} <= doc.keys() and doc["hardware"]["device"] == "cpu"
+    rows = doc["rows"]
+    assert {r["phase"] for r in rows} == {"ffn", "decode", "prefill", "generate"}
+    for r in rows:
+        unit = "us" if r["phase"] == "ffn" else "tok_s"
+        assert {"model", "batch", "k_over_n", "phase", "impl", "compiled", f"dense_{unit}", f"ideal_{unit}",
+                f"routed_{unit}", "speedup", "repeats"} <= r.keys(), r  # fmt: skip
+    decode_rows = {r["k_over_n"]: r for r in rows if r["phase"] == "decode"}
+    assert decode_rows[0.5]["errors"] == {"routed": "RuntimeError: boom"} and decode_rows[0.5]["speedup"] is None
+    assert decode_rows[0.5]["dense_tok_s"] > 0 and decode_rows[0.5]["ideal_tok_s"] > 0  # the other arms still ran
+    ok = decode_rows[1.0]
+    assert ok["impl"] == "dense (k = N)" and ok["repeats"] == 2 and ok["min"] <= ok["median"] <= ok["max"]
+    assert ok["speedup"] == pytest.approx(ok["routed_tok_s"] / ok["dense_tok_s"], rel=1e-2)  # of rounded medians
+    assert (tmp_path / "speedup.png").stat().st_size > 0
+
+
+def test_decode_benchmark_row_arithmetic():
+    """make_row: medians per arm, speedup = routed / dense for tok/s and dense / routed for microseconds."""
+    decode = load_script("decode")
+    values = {"dense": [2.0, 4.0, 6.0], "ideal": [5.0, 5.0, 5.0], "routed": [3.0, 3.0, 9.0]}
+    row = decode.make_row({"phase": "decode"}, values)
+    assert (row["dense_tok_s"], row["routed_tok_s"], row["speedup"], row["ideal_speedup"]) == (4.0, 3.0, 0.75, 1.25)
+    assert (row["min"], row["median"], row["max"], row["repeats"]) == (3.0, 3.0, 9.0, 3)
+    us = decode.make_row({"phase": "ffn"}, {"dense": [80.0], "x": [40.0]}, routed="x", larger_is_faster=False, unit="us")
+    assert us["speedup"] == 2.0 and us["routed_us"] == 40.0 and us["ideal_us"] is None
+
+
+def test_check_gpu_compare_excludes_near_ties_and_sees_errors():
+    check = load_script("check_gpu")
+    ref = torch.randn(3, 8)
+    scores = torch.tensor([[3.0, 2.0, 1.0, 0.0], [1.0, 1.0, 0.5, 0.0], [4.0, 1.0, 2.0, 3.0]])  # row 1: tie at k = 1
+    assert check.compare(ref.clone(), ref, scores, k=1) == (0.0, 1)
+    bad = ref.clone()
+    bad[2] += 1.0
+    err, ties = check.compare(bad, ref, scores, k=1)
+    assert err > 0.1 and ties == 1
+    bad_tie_row = ref.clone()
+    bad_tie_row[1] += 1.0  # a token at a near tie may route differently: not counted
+    assert check.compare(bad_tie_row, ref, scores, k=1)[0] == 0.0
+
+
+def test_check_gpu_on_cpu_records_and_fails_on_a_raising_check(tmp_path, monkeypatch):
+    """check_gpu.py --device cpu --quick writes its report (kernel and graph checks skipped without CUDA) and exits 0;
+    a check that raises is recorded as failed and the exit status is 1."""
+    check = load_script("check_gpu")
+    out = tmp_path / "check.json"
+    monkeypatch.setattr(check.mrl, "TRITON_INTERPRET", False)
+    assert check.main(["--device", "cpu", "--quick", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    kinds = {r["check"]: r for r in doc["records"]}
+    assert kinds["kernel"]["ok"] is None and "skipped" in kinds["kernel"]
+    assert all(r["ok"] for r in doc["records"] if r["check"] in ("auto", "generate"))
+    assert doc["failed"] == 0 and doc["passed"] == 4 + 2
+
+    def broken(record, *a):
+        raise RuntimeError("kaput")
+
+    monkeypatch.setattr(check, "one_generate", broken)
+    assert check.main(["--device", "cpu", "--quick", "--out", str(out)]) == 1
+    doc = json.loads(out.read_text())
+    failed = [r for r in doc["records"] if r["ok"] is False]
+    assert len(failed) == 2 and failed[0]["error"] == "RuntimeError: kaput" and doc["failed"] == 2
