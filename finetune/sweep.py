@@ -51,7 +51,9 @@ class SweepSettings:
     plan: str = field(metadata={"help": "the plan JSON (e.g. results/sweep/plan.json)"})
     output: str = field(metadata={"help": "results folder: plan.json, runs/, results.json, report.md, figures"})
     resume: bool = field(default=False, metadata={"help": "keep finished runs in OUTPUT and redo interrupted ones"})
-    jobs: int = field(default=1, metadata={"help": "runs at a time (separate processes sharing the device)"})
+    jobs: int = field(default=1, metadata={"help": "worker processes (round-robin over the visible GPUs)"})
+    group: int = field(default=1, metadata={"help": "runs of one cell each worker trains side by side (fast engine, "
+                                                    "one CUDA stream each)"})  # fmt: skip
     only_stage: list[str] = field(default_factory=lambda: list(STAGES),
                                   metadata={"help": f"run only these stages ({', '.join(STAGES)}; 'report': run "
                                                     "nothing, rewrite the report); the report always covers every "
@@ -68,8 +70,10 @@ class SweepSettings:
         bad = [s for s in self.only_stage if s not in (*STAGES, "report")]
         if bad or not self.only_stage:
             raise UserError(f"--only-stage takes {', '.join(STAGES)} or report; got {self.only_stage}")
-        if self.jobs < 1:
-            raise UserError(f"--jobs must be >= 1, got {self.jobs}")
+        for name in ("jobs", "group"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UserError(f"--{name} must be an integer >= 1, got {value!r}")
         if self.budget_s is not None and not self.budget_s > 0:
             raise UserError(f"--budget-s must be > 0, got {self.budget_s}")
         if not Path(self.plan).is_file():
@@ -486,16 +490,16 @@ def run_config(plan: Plan, run: Run, model: str, data_dir: str | None, out: Path
                      eval_routing_off=run.arm != PLAIN, output_dir=str(run.folder(out)))  # fmt: skip
 
 
-def batches(cells: list[list[Run]], jobs: int, whole: bool) -> list[list[Run]]:
-    """Runs grouped into batches of whole cells; with `whole` one batch, else batches of >= 2 x jobs runs (the
-    budget is checked between batches)."""
+def batches(cells: list[list[Run]], at_once: int, whole: bool) -> list[list[Run]]:
+    """Runs grouped into batches of whole cells; with `whole` one batch, else batches of >= 2 x `at_once` runs
+    (the budget is checked between batches)."""
     flat = [r for cell in cells for r in cell]
     if whole or not flat:
         return [flat] if flat else []
     out, cur = [], []
     for cell in cells:
         cur += cell
-        if len(cur) >= 2 * jobs:
+        if len(cur) >= 2 * at_once:
             out.append(cur)
             cur = []
     return out + ([cur] if cur else [])
@@ -508,14 +512,14 @@ def execute(cells: list[list[Run]], ctx: dict) -> bool:
     todo = [[r for r in cell if read_result(r, out) is None] for cell in cells]
     todo = [c for c in todo if c]
     last = 0.0
-    for batch in batches(todo, s.jobs, whole=ctx["deadline"] is None):
+    for batch in batches(todo, s.jobs * s.group, whole=ctx["deadline"] is None):
         if ctx["deadline"] is not None and time.monotonic() + last > ctx["deadline"]:
             log(f"budget reached: {sum(map(len, todo))} runs of this stage not started")
             return False
         t0 = time.monotonic()
         models = [ctx["checkpoints"].path(r.arm) for r in batch]
         configs = [run_config(ctx["plan"], r, m, ctx["data_dir"], out) for r, m in zip(batch, models)]
-        _run_many()(configs, [r.folder(out) for r in batch], s.jobs, True, log)
+        _run_many()(configs, [r.folder(out) for r in batch], s.jobs, True, log, group=s.group)
         todo = [[r for r in c if r not in batch] for c in todo]
         last = time.monotonic() - t0
     return True

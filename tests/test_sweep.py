@@ -110,7 +110,7 @@ class FakeRunner:
     def __init__(self, effects=None, noise=0.5):
         self.effects, self.noise, self.calls = effects or {}, noise, []
 
-    def __call__(self, configs, run_dirs, jobs, resume, log=print):
+    def __call__(self, configs, run_dirs, jobs, resume, log=print, group=1):
         out = []
         for cfg, d in zip(configs, run_dirs):
             self.calls.append((cfg.task, cfg.arm, cfg.seed, cfg.lr, cfg.holdout_fraction is not None))
@@ -199,7 +199,8 @@ def test_output_holding_another_plan_is_refused(world, tmp_path, fake, capsys):
 
 def test_bad_settings_are_one_line(world, tmp_path, fake, capsys):
     path = write_plan(tmp_path, make_plan(world))
-    for extra, message in ((["--jobs", "0"], "--jobs"), (["--only-stage", "round2"], "--only-stage")):
+    for extra, message in ((["--jobs", "0"], "--jobs"), (["--group", "0"], "--group"),
+                           (["--only-stage", "round2"], "--only-stage")):  # fmt: skip
         assert sweep.main(_argv(path, tmp_path / "out", *extra)) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err
@@ -268,6 +269,32 @@ def test_budget_stops_before_new_runs_and_reports_not_run(world, tmp_path, fake)
     assert res["headline"]["kind"] == "pending" and res["finished_runs"] == 0
     assert "No headline yet" in (out / "report.md").read_text()
     assert len(res["not_run"]) == 4 * 3 + 4 * 4 + 2 * 2  # lr cells, round-1 cells, confirmation cells
+
+
+def test_budget_leaves_whole_cells(world, tmp_path, monkeypatch):
+    """A budget that runs out mid-sweep: every cell started is finished with all its seeds, the rest is listed as
+    not run, and a later --resume finishes the plan."""
+    import time
+
+    slow = FakeRunner()
+
+    def runner_(configs, run_dirs, jobs, resume, log=print, group=1):
+        time.sleep(0.02 * len(configs))
+        return slow(configs, run_dirs, jobs, resume, log, group)
+
+    monkeypatch.setattr(sweep, "_run_many", lambda: runner_)
+    path, out = write_plan(tmp_path, make_plan(world)), tmp_path / "out"
+    assert sweep.main(_argv(path, out, "--budget-s", "1.5")) == 0
+    res = _strict_json(out / "results.json")
+    per_cell = {}  # (task, arm, lr, lr stage, confirmation) -> runs made
+    for task, arm, seed, lr, holdout in slow.calls:
+        key = (task, arm, lr, holdout, seed >= 10)
+        per_cell[key] = per_cell.get(key, 0) + 1
+    assert 0 < len(slow.calls) < 236
+    assert all(n == (3 if key[3] else 10) for key, n in per_cell.items())
+    assert res["not_run"] and all(m["finished_seeds"] == 0 for m in res["not_run"])  # no cell half done
+    assert sweep.main(_argv(path, out, "--resume")) == 0
+    assert _strict_json(out / "results.json")["not_run"] == []
 
 
 def test_a_run_of_another_plan_in_the_folder_is_refused(world, tmp_path, fake, capsys):
