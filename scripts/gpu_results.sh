@@ -11,7 +11,7 @@
 #   OUT_ROOT  where the result folders go, named as under results/ (default: outputs/gpu-results)
 #
 # Environment:
-#   STEPS   the steps to run, any subset of "decode decode-standin train-speed rte routing sweep" (default: all)
+#   STEPS   the steps to run, any subset of "decode decode-standin convert train-speed rte routing sweep" (default: all)
 #   JOBS    fine-tuning runs that share the GPU at a time (default 8)
 #   WORK    the exported base, converted checkpoints, adapters' bases and logs (default: outputs/gpu-work)
 #   PYTHON  the interpreter (default: python); it needs a CUDA torch and this project (`pip install -e .`)
@@ -25,7 +25,7 @@ cd "$(dirname "$0")/.."
 MODEL=$1
 GLUE=$2
 OUT=${3:-outputs/gpu-results}
-STEPS=${STEPS:-decode decode-standin train-speed rte routing sweep}
+STEPS=${STEPS:-decode decode-standin convert train-speed rte routing sweep}
 JOBS=${JOBS:-8}
 WORK=${WORK:-outputs/gpu-work}
 PY=${PYTHON:-python}
@@ -47,7 +47,17 @@ else
   BASE=$WORK/base
   [ -f "$BASE/config.json" ] || run export "$PY" scripts/export_model.py "$MODEL" "$BASE"
 fi
-CK=$WORK/checkpoints  # the routed arms, converted once by the first comparison and reused
+CK=$WORK/checkpoints  # the two routed arms, converted once; the comparisons find and reuse them there
+# routed_arms: convert the base into the last-8 and all-30 arms (N = 32, k = 16) unless already there
+routed_arms() {
+  local arm layers
+  for arm in last8:22-29 all:all; do
+    layers=${arm#*:} arm=${arm%%:*}
+    [ -f "$CK/routed-$arm/conversion.json" ] && continue
+    run "convert-$arm" "$PY" convert.py "$BASE" "$CK/routed-$arm" --layers "$layers" --num-clusters 32 --top-k 16 \
+      --no-progress
+  done
+}
 ARMS=(--arm name=routed-last8,layers=22-29 --arm name=routed-all,layers=all)
 
 # results/decode: the fused kernels checked against the reference, then decode speed on random weights
@@ -64,28 +74,37 @@ if wants decode-standin && [ ! -f "$OUT/decode-standin/decode.json" ]; then
   run decode-standin "$PY" benchmarks/decode.py --shapes --standin "$BASE" --out "$OUT/decode-standin"
 fi
 
-# results/train-speed: fine-tuning speed and memory of the plain and routed arms, one run at a time
-if wants train-speed && [ ! -f "$OUT/train-speed/train_speed.json" ]; then
-  step "train-speed -> $OUT/train-speed"
-  run train-speed "$PY" benchmarks/train_speed.py --model "$BASE" --data-dir "$GLUE" --out "$OUT/train-speed"
+# results/conversion-standin: the conversion records of the two routed arms every later step uses
+if wants convert; then
+  step "convert -> $OUT/conversion-standin"
+  routed_arms
+  mkdir -p "$OUT/conversion-standin"
+  for arm in last8 all; do cp "$CK/routed-$arm/conversion.json" "$OUT/conversion-standin/conversion-$arm.json"; done
 fi
 
-# results/rte-standin-lr5e-4, results/rte-standin-lr2e-5: plain vs routed LoRA on RTE, 5 seeds;
-# results/conversion-standin: the conversion records of the two routed arms they use
+# results/train-speed: fine-tuning speed and memory per arm and engine, solo and side by side
+if wants train-speed && [ ! -f "$OUT/train-speed/train_speed.json" ]; then
+  step "train-speed -> $OUT/train-speed"
+  routed_arms
+  run train-speed "$PY" benchmarks/train_speed.py --arm "plain=$BASE" --arm "last8=$CK/routed-last8" \
+    --arm "all30=$CK/routed-all" --data-dir "$GLUE" --task rte --epochs 5 --jobs 1 4 8 --output "$OUT/train-speed"
+fi
+
+# results/rte-standin-lr5e-4, results/rte-standin-lr2e-5: plain vs routed LoRA on RTE, 5 seeds per arm
 if wants rte; then
+  routed_arms
   for lr in 5e-4 2e-5; do
     step "rte lr $lr -> $OUT/rte-standin-lr$lr"
     run "rte-lr$lr" "$PY" -m finetune compare --model "$BASE" --task rte --data-dir "$GLUE" --lr "$lr" \
       --seeds 0 1 2 3 4 "${ARMS[@]}" --checkpoint-dir "$CK" --jobs "$JOBS" --output "$OUT/rte-standin-lr$lr" --resume
   done
-  mkdir -p "$OUT/conversion-standin"
-  for arm in last8 all; do cp "$CK/routed-$arm/conversion.json" "$OUT/conversion-standin/conversion-$arm.json"; done
 fi
 
 # results/routing-standin: which clusters tokens keep in the converted last-8 model (RTE, SST-2, CoLA dev);
 # results/routing-standin-{last8,all}-finetuned: the same after fine-tuning (the lr 5e-4 comparison's seed-0 adapters)
 if wants routing; then
   ANALYZE=(--tasks rte sst2 cola --data-dir "$GLUE" --max-examples 200 --device cuda --no-progress)
+  routed_arms
   if [ ! -f "$OUT/routing-standin/routing.json" ]; then
     step "routing -> $OUT/routing-standin"
     run routing "$PY" -m finetune analyze --checkpoint "$CK/routed-last8" "${ANALYZE[@]}" --out "$OUT/routing-standin"
@@ -103,7 +122,7 @@ fi
 # results/sweep: the pre-registered sweep of routed configs x GLUE tasks x seeds (results/sweep/plan.json)
 if wants sweep; then
   step "sweep -> $OUT/sweep"
-  run sweep "$PY" -m finetune sweep --plan results/sweep/plan.json --data-dir "$GLUE" \
+  run sweep "$PY" -m finetune sweep --plan results/sweep/plan.json --model "$BASE" --data-dir "$GLUE" \
     --checkpoint-dir "$WORK/sweep-checkpoints" --jobs "$JOBS" --output "$OUT/sweep" --resume
 fi
 step "done: $OUT"
