@@ -17,6 +17,7 @@ invocation, so they always describe what has been run so far.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -59,6 +60,9 @@ class SweepSettings:
                                                     "nothing, rewrite the report); the report always covers every "
                                                     "finished run"})  # fmt: skip
     data_dir: str | None = field(default=None, metadata={"help": "local GLUE folder; None: the plan's data_dir"})
+    model: str | None = field(default=None, metadata={"help": "where to load the plan's base model from (the same "
+                                                              "weights, e.g. the stand-in exported to a folder); "
+                                                              "None: the plan's model"})  # fmt: skip
     checkpoint_dir: str = field(default="outputs/sweep-checkpoints",
                                 metadata={"help": "where each routed config is converted once (reused when there)"})
     budget_s: float | None = field(default=None, metadata={"help": "seconds: start no batch of runs that would end "
@@ -218,6 +222,11 @@ def _routed_config(c: dict) -> RoutedConfig:
         rc = RoutedConfig(**c)
     except TypeError as exc:
         raise UserError(f"plan: config {c.get('name')!r}: {exc}") from None
+    for name, tp in (("name", str), ("layers", str), ("num_clusters", int), ("top_k", int), ("partition_seed", int),
+                     ("method", str), ("router", str), ("description", str)):  # fmt: skip
+        value = getattr(rc, name)
+        if not isinstance(value, tp) or isinstance(value, bool) or (tp is str and name == "name" and not value):
+            raise UserError(f"plan: config {c.get('name')!r}: {name} must be of type {tp.__name__}, got {value!r}")
     if not 1 <= int(rc.top_k) <= int(rc.num_clusters):
         raise UserError(f"plan: config {rc.name}: need 1 <= top_k <= num_clusters, got k={rc.top_k}, "
                         f"N={rc.num_clusters}")  # fmt: skip
@@ -553,6 +562,8 @@ def sweep(settings: SweepSettings, log=print, command: str = "") -> dict:
     from . import sweep_report
 
     plan = read_plan(settings.plan)
+    if settings.model:  # the same base from another place; plan.raw (what OUTPUT must hold) keeps the plan's name
+        plan = dataclasses.replace(plan, model=settings.model)
     out = Path(settings.output)
     data_dir = settings.data_dir or plan.data_dir
     check_inputs(plan, data_dir)

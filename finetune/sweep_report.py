@@ -80,7 +80,8 @@ def build(plan: Plan, progress: Progress, meta: dict) -> dict:
         "format_version": FORMAT_VERSION,
         "plan": plan.name,
         "plan_sha256": hashlib.sha256(json.dumps(plan.raw, sort_keys=True).encode()).hexdigest(),
-        "model": plan.model,
+        "model": plan.raw["model"],
+        "model_loaded_from": plan.model,
         "metrics": plan.metrics,
         "command": meta.get("command", ""),
         "wall_seconds_this_invocation": round(meta.get("wall_seconds", 0.0), 1),
@@ -244,7 +245,9 @@ def report(plan: Plan, res: dict, progress: Progress) -> str:
     lines = [
         f"# Sweep {plan.name}: routed LoRA vs plain LoRA on {', '.join(_tn(t) for t in plan.tasks)}",
         "",
-        f"- model: {plan.model}; hardware: {', '.join(res['hardware']) or '—'}; runs dated "
+        f"- model: {plan.raw['model']}"
+        + (f" (loaded from {plan.model})" if plan.model != plan.raw["model"] else "")
+        + f"; hardware: {', '.join(res['hardware']) or '—'}; runs dated "
         f"{' to '.join(res['dates']) if res['dates'] else '—'}",
         f"- plan: `plan.json` (committed before its runs; sha256 of its content {res['plan_sha256'][:12]}); "
         f"command: `{res['command']}`",

@@ -169,11 +169,14 @@ def _bad_plans(world):
     cases["wrong metric"] = (make_plan(world, tasks={**p["tasks"], "mrpc": "accuracy"}), "metric is f1")
     cases["N > intermediate"] = (make_plan(world, configs=[{"name": "ref", "layers": "1-2", "num_clusters": 128,
                                                             "top_k": 2}]), "intermediate_size")  # fmt: skip
+    cases["N as a string"] = (make_plan(world, configs=[{"name": "ref", "layers": "1-2", "num_clusters": "4",
+                                                         "top_k": 2}]), "num_clusters must be of type int")  # fmt: skip
     return cases
 
 
 @pytest.mark.parametrize("case", ["unknown task", "k > N", "layer out of range", "duplicate seeds",
-                                  "confirmation seeds not fresh", "wrong metric", "N > intermediate"])  # fmt: skip
+                                  "confirmation seeds not fresh", "wrong metric", "N > intermediate",
+                                  "N as a string"])  # fmt: skip
 def test_bad_plan_is_one_line_exit_2_before_any_run(world, tmp_path, fake, capsys, case):
     plan, message = _bad_plans(world)[case]
     out = tmp_path / "out"
@@ -220,8 +223,11 @@ def test_round1_alone_needs_the_lr_stage(world, tmp_path, fake, capsys):
 
 
 def test_stages_in_order_lr_on_holdout_and_cells_whole(world, tmp_path, fake):
-    plan = make_plan(world)
-    assert sweep.main(_argv(write_plan(tmp_path, plan), tmp_path / "out")) == 0
+    plan = make_plan(world, model="tiny-base")  # a name; --model says where the base is on this machine
+    out = tmp_path / "out"
+    assert sweep.main(_argv(write_plan(tmp_path, plan), out, "--model", str(world["model"]))) == 0
+    res = _strict_json(out / "results.json")
+    assert res["model"] == "tiny-base" and res["model_loaded_from"] == str(world["model"])
     n_tasks, n_cfg = len(plan["tasks"]), len(plan["configs"])
     n_lr = n_tasks * 3 * 3
     lr_calls, rest = fake.calls[:n_lr], fake.calls[n_lr:]
