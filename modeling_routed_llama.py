@@ -64,8 +64,9 @@ TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 TRITON_MAX_TOKENS = 16
 
 # "auto" runs the Triton kernels for up to this many tokens on CUDA devices of compute capability >= 8.0, and the
-# mask reference otherwise (prefill, training, CPU). Provisional: chosen before the GPU kernels were measured; the
-# measurement that confirms or revises it is results/decode/decode.json, written by benchmarks/decode.py.
+# mask reference otherwise (prefill, training, CPU); 0 turns them off. Provisional: chosen before the kernels were
+# measured on a GPU; the measurement that confirms or revises it is results/decode/decode.json (decode rows with
+# impl "triton", per batch), written by benchmarks/decode.py.
 AUTO_TRITON_MAX_TOKENS = 8
 AUTO_MIN_CAPABILITY = (8, 0)
 

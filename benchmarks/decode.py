@@ -523,13 +523,17 @@ def model_rows(shape: str, args) -> list[dict]:
         name, dense = shape, build_dense(llama_config(shape), device, dtype)
         routed = routed_from_dense(dense, args.num_clusters)
     n = routed.config.num_experts
-    ideals = {r: build_dense(narrower(dense.config, max(1, round(r * n)) / n), device, dtype) for r in args.ratios
-              if r < 1}  # fmt: skip
+    n_routed, n_layers = len(routed.model.routed_mlps()), routed.config.num_hidden_layers
+    # the ideal arm narrows every FFN: it is only comparable when every layer routes
+    ratios = [r for r in args.ratios if r < 1] if n_routed == n_layers else []
+    ideals = {r: build_dense(narrower(dense.config, max(1, round(r * n)) / n), device, dtype) for r in ratios}
     rows = decode_rows(name, dense, routed, ideals, args, compiled=False)
     if args.compile:
         rows += decode_rows(name, dense, routed, ideals, args, compiled=True)
     rows += prefill_rows(name, dense, routed, ideals, args)
     rows += generate_rows(name, routed, args, rows)
+    for row in rows:
+        row["routed_layers"] = f"{n_routed}/{n_layers}"
     return rows
 
 
