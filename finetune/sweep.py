@@ -441,7 +441,8 @@ def round_stats(plan: Plan, progress: Progress, cells: list[list[Run]], task_nam
     from . import sweep_stats
 
     plain, routed, off = round_scores(progress, cells, task_names)
-    return sweep_stats.analyze_round(plain, routed, off, plan.analysis)
+    family = len({c[0].arm for c in cells} - {PLAIN})
+    return sweep_stats.analyze_round(plain, routed, off, plan.analysis, family)
 
 
 # ---------------------------------------------------------------------------------------------------------------

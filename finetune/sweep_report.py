@@ -98,7 +98,8 @@ def build(plan: Plan, progress: Progress, meta: dict) -> dict:
 
 def _round(plan: Plan, progress: Progress, cells, task_names) -> dict:
     plain, routed, off = round_scores(progress, cells, task_names)
-    stats = sweep_stats.analyze_round(plain, routed, off, plan.analysis)
+    family = len({c[0].arm for c in cells} - {PLAIN})  # Holm over every config the round plans, run or not
+    stats = sweep_stats.analyze_round(plain, routed, off, plan.analysis, family)
     stats["complete_cells"] = sum(progress.scores(c) is not None for c in cells)
     stats["planned_cells"] = len(cells)
     stats["tasks"] = list(task_names)

@@ -63,10 +63,12 @@ def plain_sd(plain: Mapping[int, float]) -> float | None:
     return float(v.std(ddof=1)) if len(v) > 1 else None
 
 
-def holm(pvalues: Mapping[str, float | None]) -> dict[str, float | None]:
-    """Holm's step-down adjusted p-values over the names with a p (None stays None)."""
+def holm(pvalues: Mapping[str, float | None], family: int | None = None) -> dict[str, float | None]:
+    """Holm's step-down adjusted p-values over the names with a p (None stays None). `family`: the number of
+    hypotheses planned, when some have no p yet (they count as p = 1, which keeps the correction as strict as it
+    will be once every p is in)."""
     named = sorted(((p, n) for n, p in pvalues.items() if p is not None), key=lambda t: t[0])
-    m = len(named)
+    m = max(len(named), family or 0)
     adjusted, running = {}, 0.0
     for i, (p, name) in enumerate(named):
         running = max(running, min(1.0, (m - i) * p))
@@ -143,11 +145,13 @@ def choose_lr(scores: Mapping[float, Sequence[float]]) -> float:
 
 
 def analyze_round(plain: Mapping[str, Mapping[int, float]], routed: Mapping[str, Mapping[str, Mapping[int, float]]],
-                  routing_off: Mapping[str, Mapping[str, Mapping[int, float]]], analysis: Mapping) -> dict:  # fmt: skip
+                  routing_off: Mapping[str, Mapping[str, Mapping[int, float]]], analysis: Mapping,
+                  family: int | None = None) -> dict:  # fmt: skip
     """Cells, pooled results and Holm across configs for one round.
 
     plain: task -> seed -> score; routed / routing_off: config -> task -> seed -> score. Only complete cells are
-    passed in (every seed of the round), so every statistic here rests on the full set of seeds.
+    passed in (every seed of the round), so every statistic here rests on the full set of seeds. `family`: the
+    number of configs the round plans (for Holm).
     """
     conf = float(analysis.get("confidence", 0.95))
     sds = {t: plain_sd(v) for t, v in plain.items()}
@@ -160,7 +164,7 @@ def analyze_round(plain: Mapping[str, Mapping[int, float]], routed: Mapping[str,
                       int(analysis.get("bootstrap_resamples", 10000)), int(analysis.get("rng_seed", 0)),
                       int(analysis.get("permutation_resamples", 10000)))  # fmt: skip
         configs[name] = {"cells": cells, "pooled": pool, "routing_off": off}
-    adjusted = holm({n: c["pooled"]["p_permutation"] for n, c in configs.items()})
+    adjusted = holm({n: c["pooled"]["p_permutation"] for n, c in configs.items()}, family)
     for name, c in configs.items():
         c["pooled"]["p_holm"] = adjusted[name]
     return {"plain_sd": sds, "plain_mean": {t: float(np.mean(list(v.values()))) for t, v in plain.items()},

@@ -343,6 +343,9 @@ def test_holm_by_hand():
     assert adj["a"] == pytest.approx(0.03) and adj["c"] == pytest.approx(0.06) and adj["b"] == pytest.approx(0.06)
     assert adj["d"] is None
     assert sweep_stats.holm({"a": 0.5, "b": 0.9})["b"] == 1.0
+    # 10 planned configs, 2 run so far: the missing 8 count as p = 1, so the correction is already the final one
+    part = sweep_stats.holm({"a": 0.001, "b": 0.004}, family=10)
+    assert part["a"] == pytest.approx(0.01) and part["b"] == pytest.approx(0.036)
 
 
 def test_pooled_by_hand():
