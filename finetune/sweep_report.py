@@ -306,8 +306,8 @@ def report(plan: Plan, res: dict, progress: Progress) -> str:
         "plain SDs held fixed; `scipy.stats.bootstrap`), sign-flip permutation p over the (task, seed) units "
         "(`scipy.stats.permutation_test`; random flips when there are more arrangements than resamples, so the "
         f"smallest p it can give is about 2 / ({a.get('permutation_resamples', 10000)} + 1)), P(routed > plain) "
-        "with a Clopper-Pearson CI (`scipy.stats.binomtest`; ties are not wins), Holm step-down across the round-1 "
-        "configs.",
+        "with a Clopper-Pearson CI (`scipy.stats.binomtest`; ties are not wins), Holm step-down across all the "
+        "round-1 configs of the plan (a config not run yet counts as p = 1).",
         "- Statistics that cannot be computed are null in results.json, with the reason.",
         "",
         "![Δ per config and task](heatmap.png)",
