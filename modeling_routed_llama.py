@@ -302,7 +302,7 @@ TRITON_TILES = {
 }
 # How the mode is chosen (1 token: "gemv1"; up to gemv_max_tokens: "gemv"; more: "dot"), how down's fp32 partial
 # sums are reduced ("split": deterministic; "atomic": atomic adds) and how many programs per SM down aims for.
-TRITON_OPTIONS = {"gemv_max_tokens": 4, "reduce": "split", "ctas_per_sm": 4}
+TRITON_OPTIONS = {"gemv_max_tokens": 4, "reduce": "split", "ctas_per_sm": 8}
 _MODES = {"gemv1": 0, "gemv": 1, "dot": 2}
 
 if triton is not None:
@@ -434,9 +434,14 @@ if triton is not None:
             acc = tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32)
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
+        c = g * BLOCK_C + tl.arange(0, BLOCK_C)
+        hv = tl.load(h_ptr + m[:, None] * I + c[None, :], mask=(m[:, None] < M) & (c[None, :] < I), other=0.0)
         for ct in range(g, n_col_tiles, split):
             c = ct * BLOCK_C + tl.arange(0, BLOCK_C)
-            hv = tl.load(h_ptr + m[:, None] * I + c[None, :], mask=(m[:, None] < M) & (c[None, :] < I), other=0.0)
+            # prefetch the next tile's h, so that deciding to read a tile's weights waits for no load
+            c_next = c + split * BLOCK_C
+            hv_next = tl.load(h_ptr + m[:, None] * I + c_next[None, :], mask=(m[:, None] < M) & (c_next[None, :] < I),
+                              other=0.0)  # fmt: skip
             # h is zero on every row no token kept: such a tile adds nothing, so its weights are not read (NaN != 0)
             if tl.sum(tl.sum((hv != 0).to(tl.int32), axis=1), axis=0) > 0:
                 wd = tl.load(wd_ptr + rows[:, None] * I + c[None, :], mask=(rows[:, None] < H) & (c[None, :] < I),
@@ -453,6 +458,7 @@ if triton is not None:
                     acc = tl.dot(hv, tl.trans(wd.to(tl.float32)), acc, input_precision="ieee")
                 else:
                     acc = tl.dot(hv.to(wd.dtype), tl.trans(wd), acc)
+            hv = hv_next
         if MODE == 0:
             res = tl.sum(acc, axis=1)[None, :]  # (1, BH)
         else:
