@@ -146,6 +146,8 @@ class RoutedLlamaMLP(nn.Module):
         self.down_proj = nn.Linear(self.intermediate_size, self.hidden_size, bias=config.mlp_bias)
         self.act_fn = ACT2FN[config.hidden_act]
         self.router = RoutedLlamaRouter(config, layer_idx)
+        sizes = {b - a for a, b in zip(self.offsets[:-1], self.offsets[1:])}
+        self.cluster_size = sizes.pop() if len(sizes) == 1 else None  # equal clusters: the mask broadcasts per cluster
 
     @property
     def offsets(self) -> list[int]:
@@ -211,8 +213,11 @@ class RoutedLlamaMLP(nn.Module):
         """Reference: the whole FFN, then zero every neuron of the dropped clusters. x (M, H) -> (M, H)."""
         h = self.act_fn(self.gate_proj(x)) * self.up_proj(x)  # (M, I)
         keep_ids = self.router(x, h)  # (M, k)
-        keep = torch.zeros(x.shape[0], self.router.num_experts, device=x.device, dtype=h.dtype)  # (M, N)
+        m, n = x.shape[0], self.router.num_experts
+        keep = torch.zeros(m, n, device=x.device, dtype=h.dtype)  # (M, N)
         keep.scatter_(1, keep_ids, 1)
+        if self.cluster_size is not None:  # (M, N, size) * (M, N, 1): no (M, I) mask is built
+            return self.down_proj((h.reshape(m, n, self.cluster_size) * keep[:, :, None]).reshape(m, -1))
         keep = keep.index_select(1, self.router.expert_of_neuron(self.intermediate_size))  # (M, I)
         return self.down_proj(h * keep)
 

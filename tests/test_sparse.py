@@ -77,6 +77,19 @@ def test_forward_sparse_equals_forward_mask(router, k, bias, monkeypatch):
     assert ref_grads["gate_proj.weight"].abs().sum() > 0 and ref_grads["x"].abs().sum() > 0
 
 
+def test_mask_broadcast_for_equal_clusters_is_bit_exact():
+    """With equal clusters forward_mask multiplies per cluster by broadcasting instead of building an (M, I) mask:
+    outputs and gradients are bit for bit those of the general path."""
+    mlp = routed_ffn("centroid", 2, offsets=[0, 25, 50, 75, 100])
+    assert mlp.cluster_size == 25 and routed_ffn("centroid", 2).cluster_size is None
+    x, grad_out = torch.randn(12, H), torch.randn(12, H)
+    fast, fast_grads = run_with_grads(mlp, "forward_mask", x, grad_out)
+    mlp.cluster_size = None
+    general, general_grads = run_with_grads(mlp, "forward_mask", x, grad_out)
+    assert torch.equal(fast, general)
+    assert all(torch.equal(fast_grads[k], general_grads[k]) for k in general_grads)
+
+
 def test_forward_sparse_differs_from_dense_ffn():
     """Negative control for the comparison above: with k < N both paths are far from the dense FFN."""
     mlp = routed_ffn("centroid", 2)
