@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import ROOT, STANDIN_K, STANDIN_N, tiny_llama_config
+from conftest import ROOT, STANDIN_K, STANDIN_N, TINY_N, tiny_llama_config
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 import modeling_routed_llama as mrl
@@ -482,3 +482,16 @@ def test_check_gpu_on_cpu_records_and_fails_on_a_raising_check(tmp_path, monkeyp
     doc = json.loads(out.read_text())
     failed = [r for r in doc["records"] if r["ok"] is False]
     assert len(failed) == 2 and failed[0]["error"] == "RuntimeError: kaput" and doc["failed"] == 2
+
+
+def test_decode_benchmark_loads_a_routed_checkpoint_as_the_standin(tiny_converted_dir):
+    """--standin with a routed checkpoint: the dense arm shares its weights and, with routing off (k = N), both arms
+    give the same logits."""
+    decode = load_script("decode")
+    name, dense, routed = decode.load_standin(str(tiny_converted_dir), torch.device("cpu"), torch.float32, 32)
+    assert "k-means clusters" in name and type(dense).__name__ == "LlamaForCausalLM"
+    assert routed.config.routing_impl == "auto" and routed.config.num_experts == TINY_N
+    routed.model.set_top_k(TINY_N)
+    ids = torch.randint(1, 128, (2, 7))
+    with torch.no_grad():
+        assert max_diff(dense(ids).logits, routed(ids).logits) <= 1e-5
