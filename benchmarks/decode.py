@@ -67,6 +67,7 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="also time every decode arm torch.compile'd")
     p.add_argument("--mask-rows", action="store_true", help="also time the routed arm with routing_impl='mask'")
     p.add_argument("--tune", action="store_true", help="time alternative Triton tile sizes on the first shape's FFN")
+    p.add_argument("--only-ffn", action="store_true", help="only the FFN rows (and --tune): no whole-model rows")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     args = p.parse_args(argv)
@@ -409,34 +410,44 @@ def time_us(fn, reps: int, device, graph: bool) -> float:
     return (time.perf_counter() - t0) / reps * 1e6
 
 
-def ffn_rows(shape: str, args, layers: int = 6) -> list[dict]:
-    """One FFN layer alone, M tokens: dense vs ideal vs every Triton variant (and the mask path)."""
+def ffn_layers(shape: str, args, ratio: float, layers: int = 6):
+    """(dense, ideal, routed): `layers` FFN layers of each kind at this shape; routed shares dense's weights."""
     from transformers.models.llama.modeling_llama import LlamaMLP
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    runs_kernels = device.type == "cuda" or mrl.TRITON_INTERPRET
-    graph = device.type == "cuda"
     cfg, n = llama_config(shape), args.num_clusters
+    k = max(1, round(ratio * n))
+    rcfg = RoutedLlamaConfig(**{a: b for a, b in cfg.to_dict().items() if a not in LLAMA_KEYS}, num_experts=n,
+                             num_experts_per_tok=k)  # fmt: skip
+    torch.manual_seed(0)
     with torch.device(device):
         dense = [LlamaMLP(cfg).to(dtype).eval() for _ in range(layers)]
+        ideal = [LlamaMLP(narrower(cfg, k / n)).to(dtype).eval() for _ in range(layers)]
+        routed = [mrl.RoutedLlamaMLP(rcfg, 0).to(dtype).eval() for _ in range(layers)]
+    for d, r in zip(dense, routed):
+        r.load_state_dict(d.state_dict(), strict=False, assign=True)
+        r.refresh_router()
+    return dense, ideal, routed
+
+
+def ffn_rows(shape: str, args) -> list[dict]:
+    """One FFN layer alone, M tokens: dense vs ideal vs every Triton variant (and the mask path)."""
+    device = torch.device(args.device)
+    runs_kernels = device.type == "cuda" or mrl.TRITON_INTERPRET
+    graph = device.type == "cuda"
     rows = []
     for ratio in [r for r in args.ratios if r < 1]:
-        k = max(1, round(ratio * n))
-        rcfg = RoutedLlamaConfig(**{a: b for a, b in cfg.to_dict().items() if a not in LLAMA_KEYS}, num_experts=n,
-                                 num_experts_per_tok=k)  # fmt: skip
-        with torch.device(device):
-            ideal = [LlamaMLP(narrower(cfg, k / n)).to(dtype).eval() for _ in range(layers)]
-            routed = [mrl.RoutedLlamaMLP(rcfg, 0).to(dtype).eval() for _ in range(layers)]
-        for d, r in zip(dense, routed):
-            r.load_state_dict(d.state_dict(), strict=False, assign=True)
-            r.refresh_router()
+        dense, ideal, routed = ffn_layers(shape, args, ratio)
+        n, k = routed[0].router.num_experts, routed[0].router.top_k
+        hidden, inter = routed[0].hidden_size, routed[0].intermediate_size
         for tokens in args.ffn_tokens:
-            x = torch.randn(tokens, cfg.hidden_size, device=device, dtype=dtype)
+            x = torch.randn(tokens, hidden, device=device, dtype=dense[0].gate_proj.weight.dtype)
             fns = {"dense": cycle(dense, x), "ideal": cycle(ideal, x), "mask": cycle([m.forward_mask for m in routed], x)}
             if runs_kernels:
                 for v in ffn_variants(tokens):
                     fns[f"{v['mode']}/{v['reduce']}"] = cycle([kernel_call(m, v) for m in routed], x)
-            per_call = {name: (lambda f=f: time_us(f, args.ffn_reps, device, graph) / layers) for name, f in fns.items()}
+            per_call = {name: (lambda f=f: time_us(f, args.ffn_reps, device, graph) / len(dense))
+                        for name, f in fns.items()}  # fmt: skip
             values = interleaved(per_call, args.repeats)
             for name in [nm for nm in fns if nm not in ("dense", "ideal")]:
                 base = {"model": shape, "batch": tokens, "k_over_n": k / n, "phase": "ffn", "compiled": False,
@@ -448,11 +459,11 @@ def ffn_rows(shape: str, args, layers: int = 6) -> list[dict]:
                     read, kept = bytes_read(routed[0], x, {"mode": mode, "reduce": reduce})
                     row.update(bytes_read=read, kept_bytes=kept, gb_s=round(read / row["routed_us"] / 1e3, 1))
                 if row.get("dense_us"):
-                    dense_bytes = 3 * cfg.hidden_size * cfg.intermediate_size * dense[0].gate_proj.weight.element_size()
+                    dense_bytes = 3 * hidden * inter * dense[0].gate_proj.weight.element_size()
                     row["dense_gb_s"] = round(dense_bytes / row["dense_us"] / 1e3, 1)
                 rows.append(row)
                 print_row(row)
-        del ideal, routed
+        del dense, ideal, routed
         free(device)
     return rows
 
@@ -476,28 +487,33 @@ def kernel_call(mlp, variant: dict):
 
 
 def tune_rows(shape: str, args) -> list[dict]:
-    """Alternative tile sizes for the 1-token and 4-token modes at one shape, k/N = 1/2 (microseconds per FFN)."""
-    sub = argparse.Namespace(**{**vars(args), "ratios": [0.5], "ffn_tokens": []})
-    rows = []
+    """Microseconds per FFN layer (k/N = 1/2) for alternative tile sizes of the 1-token and 4-token modes."""
+    device = torch.device(args.device)
     grid = {
         "gemv1": [dict(BLOCK_R=r, BLOCK_K=kk, BLOCK_H=bh, BLOCK_C=bc) for r in (4, 8, 16) for kk in (256, 512, 1024)
-                  for bh, bc in ((16, 256), (32, 128))],
+                  for bh, bc in ((16, 256), (32, 128), (8, 512))],
         "dot": [dict(BLOCK_R=r, BLOCK_K=kk, BLOCK_H=bh, BLOCK_C=bc) for r in (16, 32, 64) for kk in (64, 128, 256)
                 for bh, bc in ((32, 128), (64, 64))],
     }  # fmt: skip
-    saved = {m: dict(t) for m, t in mrl.TRITON_TILES.items()}
+    _, _, routed = ffn_layers(shape, args, 0.5)
+    rows = []
     for mode, tokens in (("gemv1", 1), ("dot", 4)):
+        x = torch.randn(tokens, routed[0].hidden_size, device=device, dtype=routed[0].gate_proj.weight.dtype)
         for tiles in grid[mode]:
-            mrl.TRITON_TILES[mode].update(tiles)
-            try:
-                got = [r for r in ffn_rows(shape, argparse.Namespace(**{**vars(sub), "ffn_tokens": [tokens]}))
-                       if r["impl"] == f"{mode}/split"]  # fmt: skip
-                rows.append({"mode": mode, "tokens": tokens, **tiles, "us": got[0].get("routed_us") if got else None})
-            except Exception as exc:
-                rows.append({"mode": mode, "tokens": tokens, **tiles, "error": error_text(exc)})
-            finally:
-                mrl.TRITON_TILES[mode].clear()
-                mrl.TRITON_TILES[mode].update(saved[mode])
+            for ctas in (4, 8, 16):
+                variant = {"mode": mode, "reduce": "split", "ctas_per_sm": ctas, **tiles}
+                row = {"tokens": tokens, **variant}
+                try:
+                    fn = cycle([kernel_call(m, variant) for m in routed], x)
+                    row["us"] = round(time_us(fn, args.ffn_reps, device, device.type == "cuda") / len(routed), 2)
+                except Exception as exc:
+                    row["error"] = error_text(exc)
+                rows.append(row)
+                print(row, flush=True)
+    for mode in grid:
+        timed = [r for r in rows if r["mode"] == mode and r.get("us")]
+        if timed:
+            print(f"fastest {mode}: {min(timed, key=lambda r: r['us'])}", flush=True)
     return rows
 
 
@@ -572,7 +588,8 @@ def run(args) -> dict:
         write(doc, out, t0)
     if args.tune and args.shapes:
         doc["tuning"] = guarded(tune_rows, args.shapes[0], args.shapes[0], args)
-    for shape in args.shapes + (["standin"] if args.standin else []):
+        write(doc, out, t0)
+    for shape in [] if args.only_ffn else args.shapes + (["standin"] if args.standin else []):
         doc["rows"] += guarded(model_rows, shape, shape, args)
         free(args.device)
         write(doc, out, t0)
