@@ -95,8 +95,9 @@ def check_arm(arm: Arm) -> Arm:
 class CompareSettings:
     """How to compare: the arms, seeds, lr grid and where the results go (the recipe of each run is a RunConfig)."""
 
-    arms: list[str] = field(metadata={"help": "routed arms, e.g. name=last8,layers=22-29,num_clusters=32,top_k=16 "
-                                              "or name=x,checkpoint=DIR; the plain arm 'baseline' is always included"})
+    arms: list[str] = field(metadata={"aliases": ["--arm"], "help": (
+        "routed arms, e.g. --arm name=last8,layers=22-29,num_clusters=32,top_k=16 --arm name=x,checkpoint=DIR; "
+        "the plain arm 'baseline' is always included")})  # fmt: skip
     output: str = field(metadata={"help": "results folder, e.g. results/rte-standin"})
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
     lrs: list[float] | None = field(default=None, metadata={

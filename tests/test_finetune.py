@@ -187,6 +187,28 @@ def test_resume_needs_the_same_comparison(compared, tiny, tmp_path):
         compare(_settings(tiny, out, resume=True), _recipe(tiny))
 
 
+def test_command_line_resume_of_a_finished_comparison(compared, tiny, tmp_path, capsys):
+    """`python -m finetune compare ... --resume` over a finished comparison: every run is kept (nothing trains) and
+    the outputs are rewritten with the same deterministic part; the recorded command is the one given."""
+    from finetune import cli
+
+    src, _, _ = compared
+    out = tmp_path / "rte-tiny"
+    shutil.copytree(src, out)
+    for f in out.glob("runs/*/result.json"):  # as if made here: the converted arm's checkpoint is under `out`
+        f.write_text(f.read_text().replace(str(src), str(out)))
+    r = _recipe(tiny)
+    argv = ["compare", "--arm", ARM, "--seeds", *map(str, SEEDS), "--output", str(out), "--resume",
+            "--model", r.model, "--data-dir", r.data_dir, "--lr", str(r.lr), "--epochs", str(r.epochs),
+            "--batch-size", str(r.batch_size), "--eval-batch-size", str(r.eval_batch_size), "--max-length",
+            str(r.max_length), "--lora-r", str(r.lora_r), "--lora-alpha", str(r.lora_alpha), "--precision", r.precision]  # fmt: skip
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("kept from an earlier run") == 4 and PROVENANCE_HEADING in printed
+    assert _deterministic(out, moved_from=src) == _deterministic(src)
+    assert json.loads((out / "results.json").read_text())["provenance"]["command"].endswith("--precision fp32")
+
+
 def test_a_non_empty_output_needs_a_flag(compared, tiny):
     out, _, _ = compared
     before = (out / "results.json").read_bytes()
