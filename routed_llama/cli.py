@@ -113,7 +113,10 @@ def parse_settings(cls, argv: list[str] | None = None, prog: str | None = None, 
     A bad flag exits 2 with one line (argparse); a bad value raises `UserError`."""
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     parser = build_parser(cls, prog or cls.__name__, description)
-    (settings,) = parser.parse_args_into_dataclasses(args=join_dash_values(argv, parser), look_for_args_file=False)
+    settings, unknown = parser.parse_args_into_dataclasses(args=join_dash_values(argv, parser),
+                                                           look_for_args_file=False, return_remaining_strings=True)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     return settings
 
 

@@ -81,16 +81,20 @@ def resolve_source(model: str, gguf_file: str | None = None) -> Source:
 
 @contextlib.contextmanager
 def quiet():
-    """Silence transformers' progress bars and warnings while loading (the command lines print their own)."""
+    """Silence transformers' and huggingface_hub's progress bars and warnings (e.g. the Hub client's retries)
+    while loading; the command lines print their own one-line messages."""
+    from huggingface_hub.utils import logging as hub_logging
     from transformers.utils import logging as hf_logging
 
-    level = hf_logging.get_verbosity()
+    levels = hf_logging.get_verbosity(), hub_logging.get_verbosity()
     hf_logging.set_verbosity_error()
+    hub_logging.set_verbosity_error()
     try:
         with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):
             yield
     finally:
-        hf_logging.set_verbosity(level)
+        hf_logging.set_verbosity(levels[0])
+        hub_logging.set_verbosity(levels[1])
 
 
 def read_config_dict(source: Source) -> dict:

@@ -41,8 +41,10 @@ def _layer_items(spec: str, num_layers: int) -> list[int]:
         if not m:
             items.append(int(part))  # ValueError for anything else
             continue
-        a, b = (int(v) for v in m.groups())
-        a, b = (a + num_layers if a < 0 else a), (b + num_layers if b < 0 else b)
+        given = [int(v) for v in m.groups()]
+        a, b = (v + num_layers if v < 0 else v for v in given)
+        if a < 0 or b < 0:
+            raise UserError(f"layer range {part!r} out of range: the model has {num_layers} layers")
         if b < a:
             raise UserError(f"empty layer range {part!r}")
         items.extend(range(a, b + 1))
