@@ -27,13 +27,6 @@ from routed_llama.errors import UserError
 from routed_llama.source import Source, load_base_config, load_dense, quiet, resolve_source
 from routed_llama.surgery import RoutingSpec, parse_layers, route_dense_model
 
-# Transition re-exports of public library names (finetune still reaches them through convert); new code imports
-# them from routed_llama.
-from routed_llama.io import move_into_place, publish_permissions  # noqa: F401
-from routed_llama.source import STAND_IN, stand_in_gguf  # noqa: F401
-
-ConversionError = UserError  # the converter's errors are the project's UserError
-
 PROG = "convert.py"
 _LAYERS = re.compile(r"all|(-?\d+(--?\d+)?)(,\s*-?\d+(--?\d+)?)*")
 
@@ -66,8 +59,8 @@ class ConvertSettings:
     gguf_file: str | None = field(default=None, metadata={"help": "GGUF file name inside MODEL (a folder or Hub id)"})
     n_init: int = field(default=1, metadata={"help": "k-means restarts"})
     overwrite: bool = field(default=False, metadata={"help": "replace OUT_DIR if it exists"})
-    push_to_hub: str | None = field(default=None, metadata={"metavar": "REPO",
-                                                            "help": "also upload the folder to this Hub repo"})  # fmt: skip
+    push_to_hub: str | None = field(
+        default=None, metadata={"metavar": "REPO", "help": "also upload the folder to this Hub repo"})  # fmt: skip
     progress: bool = field(default=True, metadata={"help": "no progress bars"})
 
     def __post_init__(self):

@@ -63,7 +63,8 @@ def tinyllama_timing(n_layers: int, num_clusters: int) -> dict:
         labels = kmeans_partition(keys, num_clusters, seed=i)
         seconds = time.perf_counter() - t0
         sizes = np.bincount(labels, minlength=num_clusters)
-        rows.append({"layer": i, "seconds": round(seconds, 3), "min_size": int(sizes.min()), "max_size": int(sizes.max())})
+        rows.append({"layer": i, "seconds": round(seconds, 3), "min_size": int(sizes.min()),
+                     "max_size": int(sizes.max())})  # fmt: skip
         print(f"TinyLlama-sized layer {i:2d}: {seconds:5.2f} s (cluster sizes {sizes.min()}-{sizes.max()})", flush=True)
     secs = [r["seconds"] for r in rows]
     print(f"TinyLlama-sized layers: mean {np.mean(secs):.2f} s, max {np.max(secs):.2f} s per layer (target <= 10 s), "

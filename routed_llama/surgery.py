@@ -15,7 +15,10 @@ from dataclasses import dataclass
 from .errors import UserError
 from .partition import partition_layer, permute_mlp
 
-HEAD_CLASSES = {"causal-lm": "RoutedLlamaForCausalLM", "sequence-classification": "RoutedLlamaForSequenceClassification"}
+HEAD_CLASSES = {
+    "causal-lm": "RoutedLlamaForCausalLM",
+    "sequence-classification": "RoutedLlamaForSequenceClassification",
+}
 
 
 @dataclass(frozen=True)

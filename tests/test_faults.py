@@ -31,8 +31,8 @@ def inputs(faults, tmp_path_factory):
     return faults.build_inputs(tmp_path_factory.mktemp("fault-inputs"))
 
 
-SUBSET = ["already-routed", "weight-missing", "weights-truncated", "label-count-mismatch", "negative-layer-out-of-range",
-          "unknown-flag", "out-dir-is-a-file", "gelu-ffn"]  # fmt: skip
+SUBSET = ["already-routed", "weight-missing", "weights-truncated", "label-count-mismatch",
+          "negative-layer-out-of-range", "unknown-flag", "out-dir-is-a-file", "gelu-ffn"]  # fmt: skip
 
 
 def test_table_has_at_least_30_distinct_bad_inputs_and_20_kill_points(faults):
