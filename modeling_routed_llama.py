@@ -531,7 +531,8 @@ def triton_routed_ffn(x, *, w_gate, w_up, w_down, row_cluster, top_k, centroids=
     h = torch.empty(m, inter, device=x.device, dtype=torch.float32)  # (M, I), every element written below
     route = centroids is not None
     if route:
-        _centroid_scores_kernel[(n, m)](x, centroids, scores, hidden, n, BLOCK_H=min(4096, triton.next_power_of_2(hidden)))
+        block_h = min(4096, triton.next_power_of_2(hidden))
+        _centroid_scores_kernel[(n, m)](x, centroids, scores, hidden, n, BLOCK_H=block_h)
     grid_rows = (triton.cdiv(inter, t["BLOCK_R"]),)
     _gate_up_kernel[grid_rows](
         x, w_gate, w_up, row_cluster, scores, h, m, hidden, inter, n, top_k, ROUTE=route, MODE=_MODES[mode],

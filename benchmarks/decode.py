@@ -132,7 +132,8 @@ def load_standin(path: str, device, dtype, num_clusters: int):
     if p.is_dir() and config_file.is_file() and json.loads(config_file.read_text()).get("model_type") == "routed_llama":
         routed = mrl.RoutedLlamaForCausalLM.from_pretrained(p, dtype=dtype).to(device).eval()
         routed.config.routing_impl = "auto"
-        fields = {k: v for k, v in routed.config.to_dict().items() if k in LlamaConfig().to_dict() and k not in LLAMA_KEYS}
+        llama_fields = LlamaConfig().to_dict().keys() - set(LLAMA_KEYS)
+        fields = {k: v for k, v in routed.config.to_dict().items() if k in llama_fields}
         with torch.device("meta"):
             dense = LlamaForCausalLM(LlamaConfig(**fields))
         state = {k: v for k, v in routed.state_dict().items() if ".router." not in k}
@@ -442,7 +443,8 @@ def ffn_rows(shape: str, args) -> list[dict]:
         hidden, inter = routed[0].hidden_size, routed[0].intermediate_size
         for tokens in args.ffn_tokens:
             x = torch.randn(tokens, hidden, device=device, dtype=dense[0].gate_proj.weight.dtype)
-            fns = {"dense": cycle(dense, x), "ideal": cycle(ideal, x), "mask": cycle([m.forward_mask for m in routed], x)}
+            fns = {"dense": cycle(dense, x), "ideal": cycle(ideal, x)}
+            fns["mask"] = cycle([m.forward_mask for m in routed], x)
             if runs_kernels:
                 for v in ffn_variants(tokens):
                     fns[f"{v['mode']}/{v['reduce']}"] = cycle([kernel_call(m, v) for m in routed], x)

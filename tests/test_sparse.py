@@ -443,7 +443,8 @@ def test_decode_benchmark_row_arithmetic():
     row = decode.make_row({"phase": "decode"}, values)
     assert (row["dense_tok_s"], row["routed_tok_s"], row["speedup"], row["ideal_speedup"]) == (4.0, 3.0, 0.75, 1.25)
     assert (row["min"], row["median"], row["max"], row["repeats"]) == (3.0, 3.0, 9.0, 3)
-    us = decode.make_row({"phase": "ffn"}, {"dense": [80.0], "x": [40.0]}, routed="x", larger_is_faster=False, unit="us")
+    values = {"dense": [80.0], "x": [40.0]}
+    us = decode.make_row({"phase": "ffn"}, values, routed="x", larger_is_faster=False, unit="us")
     assert us["speedup"] == 2.0 and us["routed_us"] == 40.0 and us["ideal_us"] is None
 
 
