@@ -35,6 +35,7 @@ OUTPUT_FILES = ("results.json", "report.md", "curves.png")
 RUNS, SELECTION, CHECKPOINTS = "runs", "lr-selection", "checkpoints"
 PROVENANCE_HEADING = "## How it ran"  # report.md from here on depends on when and how the runs were made
 BASELINE = "baseline"
+WRITE_PREFIX = ".write-"  # write_outputs' temporary folder inside the output
 
 
 # --- settings -------------------------------------------------------------------------------------------------------
@@ -184,14 +185,22 @@ def start_output(settings: CompareSettings, recipe: RunConfig):
                 raise UserError(f"{out} holds no {PLAN_FILE}: not a comparison that can be resumed")
             if read_json_strict(plan_file) != json.loads(json.dumps(plan)):
                 raise UserError(f"{out} holds a comparison with other settings; --resume needs the same ones")
+            _remove_write_leftovers(out)
             return
         if not settings.overwrite:
             raise UserError(f"{out} exists and is not empty; pass --overwrite to replace it or --resume to continue it")
         for name in (RUNS, SELECTION, PLAN_FILE, *OUTPUT_FILES):
             path = out / name
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        _remove_write_leftovers(out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(plan_file, plan)
+
+
+def _remove_write_leftovers(out: Path):
+    """The temporary folders of a `write_outputs` that was killed (the finished files are never in them alone)."""
+    for tmp in out.glob(f"{WRITE_PREFIX}*"):
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --- routed checkpoints ---------------------------------------------------------------------------------------------
@@ -512,7 +521,7 @@ def _checkpoint_arm(name: str, checkpoint: str, record: str | None = None) -> di
 def write_outputs(out: Path, summary: dict):
     """results.json, report.md and curves.png, written to a temporary folder and moved over the output's files."""
     out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".write-", dir=out))
+    tmp = Path(tempfile.mkdtemp(prefix=WRITE_PREFIX, dir=out))
     try:
         write_json(tmp / "results.json", summary, indent=1)
         plot_curves(summary, tmp / "curves.png")

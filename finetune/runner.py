@@ -157,9 +157,28 @@ def _environment(**values: str | None):
                 os.environ[k] = v
 
 
+def _exit_with_parent():
+    """End this worker as soon as its parent ends, kill -9 included: an orphan would keep its GPU memory and go on
+    writing into run folders that a resumed comparison clears."""
+    import multiprocessing as mp
+    import threading
+    from multiprocessing.connection import wait
+
+    parent = mp.parent_process()
+    if parent is None:
+        return
+
+    def watch():
+        wait([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def _worker(threads: int, tasks_q, results_q):
     """A worker's loop: take (indices, configs) until None, train them side by side (`train.run_group`); report
     ("done"|"error", index, detail) for each."""
+    _exit_with_parent()
     import torch
 
     torch.set_num_threads(threads)

@@ -221,9 +221,9 @@ def test_a_non_empty_output_needs_a_flag(compared, tiny):
 
 
 def test_lr_grid_is_chosen_on_a_slice_of_train(tiny, tmp_path):
-    """One seed, the plain arm and an arm given as a checkpoint, two lrs, one epoch."""
+    """One seed, the plain arm and an arm given as a checkpoint, two lrs, one epoch, two workers."""
     out = tmp_path / "grid"
-    s = compare(_settings(tiny, out, arms=[f"name=c,checkpoint={tiny['routed']}"], seeds=[0], lrs=[1e-5, 3e-3]),
+    s = compare(_settings(tiny, out, arms=[f"name=c,checkpoint={tiny['routed']}"], seeds=[0], lrs=[1e-5, 3e-3], jobs=2),
                 replace(_recipe(tiny), epochs=1), log=lambda _: None)  # fmt: skip
     # an arm given as a checkpoint records the checkpoint's layout (not the Arm defaults N=32, k=16, all layers)
     given = s["arms"]["c"]["config"]

@@ -267,3 +267,71 @@ def test_a_failing_run_raises_in_the_parent(tiny, tmp_path):
     bad = replace(tiny_recipe(tiny["glue"], str(tmp_path / "no-such-model")))
     with pytest.raises(Exception, match="no-such-model"):
         runner.run_many([bad], [tmp_path / "run"], jobs=1, resume=False, log=lambda _: None, threads=1)
+
+
+KILLED_PARENT = r'''
+import json, multiprocessing as mp, sys
+from dataclasses import replace
+from pathlib import Path
+sys.path[:0] = [sys.argv[1]]
+from finetune import runner
+from finetune.config import RunConfig
+
+cfgs = [RunConfig(**c) for c in json.loads(Path(sys.argv[2]).read_text())]
+dirs = [Path(d) for d in json.loads(Path(sys.argv[3]).read_text())]
+
+def log(line):  # after the first run: say which workers run, then wait to be killed
+    Path(sys.argv[4]).write_text(json.dumps([p.pid for p in mp.active_children()]))
+
+if __name__ == "__main__":  # the spawned workers import this file too
+    runner.run_many(cfgs, dirs, jobs=2, resume=False, log=log, threads=1)
+'''
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state in ("Z", "X")  # a zombie nobody reaped has ended too
+
+
+def test_kill_9_of_the_parent_ends_its_workers_and_resume_finishes(one_worker, tiny, tmp_path):
+    """kill -9 of the process that runs run_many, after its first finished run: its workers end with it (no orphan
+    keeps writing), and a resume keeps the finished run and ends with the results of an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from dataclasses import asdict
+
+    _, want, _ = one_worker
+    dirs = [tmp_path / f"run{i}" for i in range(3)]
+    (tmp_path / "cfgs.json").write_text(json.dumps([asdict(c) for c in _configs(tiny)]))
+    (tmp_path / "dirs.json").write_text(json.dumps([str(d) for d in dirs]))
+    (tmp_path / "parent.py").write_text(KILLED_PARENT)
+    pids = tmp_path / "pids.json"
+    root = str(Path(__file__).resolve().parents[1])
+    parent = subprocess.Popen([sys.executable, str(tmp_path / "parent.py"), root, str(tmp_path / "cfgs.json"),
+                               str(tmp_path / "dirs.json"), str(pids)], env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while not pids.exists() and parent.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert pids.exists(), "no run finished"
+        workers = json.loads(pids.read_text())
+        assert len(workers) == 2
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+        deadline = time.monotonic() + 30
+        while not all(map(_gone, workers)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert all(map(_gone, workers)), "a worker outlived its parent"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+    done = [d for d in dirs if runner.read_result(d) is not None]
+    assert 1 <= len(done) < 3
+    got = runner.run_many(_configs(tiny), dirs, jobs=1, resume=True, log=lambda _: None, threads=1)
+    assert [_deterministic(r) for r in got] == [_deterministic(r) for r in want]
