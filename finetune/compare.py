@@ -252,7 +252,7 @@ def prepare_checkpoints(settings: CompareSettings, recipe: RunConfig, log) -> di
 
 def choose_lrs(settings: CompareSettings, recipe: RunConfig, refs: dict, log) -> tuple[dict, dict | None]:
     """({arm: lr}, {arm: {lr: held-out metric}} or None): with several lrs, each arm's best on a held-out slice of
-    train, first seed; dev is not touched."""
+    train (a tie goes to the lr given first), first seed; dev is not touched."""
     lrs = _lrs(settings, recipe)
     if len(lrs) == 1:
         return {a: lrs[0] for a in refs}, None
@@ -310,6 +310,7 @@ def _arm_summary(rs: list[dict], arm_config: dict, metric: str) -> dict:
         "final": final,
         "final_mean": mean,
         "final_std": std,
+        "final_std_reason": None if std is not None else "one seed",
         "final_all_metrics": [r["final"] for r in rs],
         "before": [r["before"][metric] for r in rs],
         "per_epoch": [[e[metric] for e in r["per_epoch"]] for r in rs],
@@ -542,9 +543,9 @@ def _p(test: dict) -> str:
 
 def _arm_row(name: str, a: dict) -> str:
     off = a["final_routing_off"]
-    off_text = "—" if not off else f"{np.mean(off):.2f} ± {stats.mean_std(off)[1]:.2f}"
+    off_text = "—" if not off else f"{np.mean(off):.2f} ± {_fmt(stats.mean_std(off)[1])}"
     epochs = " → ".join(f"{v:.1f}" for v in np.mean(a["per_epoch"], axis=0))
-    return (f"| {name} | {a['config']['lr']:g} | {a['final_mean']:.2f} ± {a['final_std']:.2f} | "
+    return (f"| {name} | {a['config']['lr']:g} | {a['final_mean']:.2f} ± {_fmt(a['final_std'])} | "
             f"{np.mean(a['before']):.2f} | {off_text} | {epochs} |")  # fmt: skip
 
 

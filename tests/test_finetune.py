@@ -238,6 +238,11 @@ def test_lr_grid_is_chosen_on_a_slice_of_train(tiny, tmp_path):
             assert r["eval_examples"] == 3 and r["train_examples"] == 29  # 10% of the 32 train rows held out; no dev
             assert r["final"]["accuracy"] == sel[lr]
     assert "lr selection on a held-out slice of train" in (out / "report.md").read_text()
+    # one seed: the spread and the tests are undefined, null with the reason (strict JSON, no NaN)
+    c = json.loads((out / "results.json").read_text(), parse_constant=pytest.fail)["comparisons"][0]
+    assert c["ci95"] == [None, None] and c["ci95_reason"] == "fewer than two seeds"
+    assert c["paired_t"]["p"] is None and c["paired_t"]["reason"] == "fewer than two seeds"
+    assert s["arms"]["c"]["final_std"] is None and s["arms"]["c"]["final_std_reason"] == "one seed"
 
 
 # --- collect --------------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ def test_mean_std_by_hand():
     assert mean == pytest.approx(2.5)
     # sample variance: (2.25 + 0.25 + 0.25 + 2.25) / 3 = 5/3
     assert std == pytest.approx(math.sqrt(5 / 3))
-    assert stats.mean_std([7.5]) == (7.5, 0.0)  # one seed: no spread rather than NaN
+    assert stats.mean_std([7.5]) == (7.5, None)  # one seed: the spread is undefined (not 0, not NaN)
 
 
 def test_paired_ci_by_hand_five_seeds():
