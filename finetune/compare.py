@@ -170,6 +170,7 @@ def check_inputs(settings: CompareSettings, recipe: RunConfig):
     for arm in settings.arm_list:
         if arm.checkpoint is not None and not is_routed_checkpoint(arm.checkpoint):
             raise UserError(f"arm {arm.name}: {arm.checkpoint} is not a routed checkpoint")
+    check_conversions(settings, recipe)
 
 
 def start_output(settings: CompareSettings, recipe: RunConfig):
@@ -215,13 +216,43 @@ def _conversion_matches(record: dict, arm: Arm) -> bool:
     return all(record.get(k) == v for k, v in want.items())
 
 
+def _conversion_settings(base: str, target: Path, arm: Arm):
+    """The converter's settings for `arm` (checked as they are made: a bad method or layer spec is a UserError)."""
+    import convert
+
+    try:
+        return convert.ConvertSettings(model=base, out_dir=str(target), num_clusters=arm.num_clusters,
+                                       top_k=arm.top_k, layers=arm.layers, seed=arm.partition_seed, method=arm.method,
+                                       router=arm.router, progress=False)  # fmt: skip
+    except UserError as exc:
+        raise UserError(f"arm {arm.name}: {exc}") from None
+
+
+def check_conversions(settings: CompareSettings, recipe: RunConfig):
+    """The arms to convert fit the base: their settings, layers and cluster counts against its config (no weight
+    is read)."""
+    todo = [a for a in settings.arm_list if a.checkpoint is None]
+    if not todo:
+        return
+    from routed_llama.source import load_base_config, resolve_source
+    from routed_llama.surgery import parse_layers
+
+    config = load_base_config(resolve_source(recipe.model))
+    for arm in todo:
+        _conversion_settings(recipe.model, Path(settings.output) / CHECKPOINTS / arm.name, arm)
+        try:
+            parse_layers(arm.layers, config.num_hidden_layers)
+        except UserError as exc:
+            raise UserError(f"arm {arm.name}: {exc}") from None
+        if arm.num_clusters > config.intermediate_size:
+            raise UserError(f"arm {arm.name}: num_clusters {arm.num_clusters} exceeds the FFN's intermediate_size "
+                            f"{config.intermediate_size}")  # fmt: skip
+
+
 def _convert_arm(base: str, target: Path, arm: Arm, log):
     import convert
 
-    settings = convert.ConvertSettings(model=base, out_dir=str(target), num_clusters=arm.num_clusters, top_k=arm.top_k,
-                                       layers=arm.layers, seed=arm.partition_seed, method=arm.method,
-                                       router=arm.router, progress=False)  # fmt: skip
-    convert.convert(settings, log=log)
+    convert.convert(_conversion_settings(base, target, arm), log=log)
 
 
 def prepare_checkpoints(settings: CompareSettings, recipe: RunConfig, log) -> dict[str, str]:

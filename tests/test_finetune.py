@@ -330,6 +330,18 @@ def test_arm_spec():
     assert parse_arm("name=x,checkpoint=/some/dir").checkpoint == "/some/dir"
 
 
+@pytest.mark.parametrize("arm, match", [
+    ("name=a,layers=1-7", "arm a: "),  # the tiny base has 3 layers
+    ("name=a,num_clusters=151,top_k=2", "num_clusters 151 exceeds the FFN's intermediate_size 150"),
+    ("name=a,method=spectral", "arm a: "),
+])  # fmt: skip
+def test_arms_that_do_not_fit_the_base_are_refused_before_anything_is_written(tiny, tmp_path, arm, match):
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=match):
+        compare(_settings(tiny, out, arms=[arm]), _recipe(tiny))
+    assert not out.exists()
+
+
 def test_missing_data_is_refused_before_any_run(tiny, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(UserError, match="no RTE/ folder"):
