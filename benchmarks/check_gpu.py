@@ -32,11 +32,9 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import modeling_routed_llama as mrl  # noqa: E402
-from configuration_routed_llama import RoutedLlamaConfig  # noqa: E402
+import modeling_routed_llama as mrl  # the project installed (pip install -e .): no path games
+from configuration_routed_llama import RoutedLlamaConfig
+from decode import kernel_call  # benchmarks/ is this script's folder
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}
 NEAR_TIE = 1e-5
@@ -81,14 +79,6 @@ def compare(out: torch.Tensor, ref: torch.Tensor, scores: torch.Tensor, k: int) 
         return 0.0, int(tie.sum())
     o, r = out[keep].float(), ref[keep].float()
     return ((o - r).abs().max() / r.abs().max().clamp_min(1e-30)).item(), int(tie.sum())
-
-
-def kernel_call(mlp, variant: dict):
-    r = mlp.router
-    kw = dict(w_gate=mlp.gate_proj.weight, w_up=mlp.up_proj.weight, w_down=mlp.down_proj.weight, top_k=r.top_k,
-              row_cluster=r.row_cluster(mlp.intermediate_size), offsets=r.expert_offsets,
-              centroids=r.centroids if r.kind == "centroid" else None, tiles=variant)  # fmt: skip
-    return lambda x: mrl.triton_routed_ffn(x, **kw)
 
 
 def reference(ref_mlp, x):

@@ -34,11 +34,8 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import modeling_routed_llama as mrl  # noqa: E402
-from configuration_routed_llama import RoutedLlamaConfig  # noqa: E402
+import modeling_routed_llama as mrl  # the project installed (pip install -e .): no path games
+from configuration_routed_llama import RoutedLlamaConfig
 
 SHAPES = {
     # name: (hidden, intermediate, layers, heads, kv heads, vocab)
