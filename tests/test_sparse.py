@@ -398,6 +398,9 @@ def test_fast_generate_refuses_bad_arguments(tiny_routed_lm):
 
 
 def load_script(name: str):
+    """A benchmark script as a module; its folder goes on sys.path as when it runs (check_gpu imports decode)."""
+    if str(ROOT / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
     spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
