@@ -19,6 +19,9 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from routed_llama.hardware import hardware_name
+from routed_llama.io import command_line, write_json
+
 from finetune import fast, tasks, train
 from finetune.config import RunConfig
 
@@ -83,10 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.empty_cache()
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    record = {"hardware": train.hardware(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-              "command": "python benchmarks/train_profile.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    record = {"hardware": hardware_name(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              "command": command_line(argv, "python benchmarks/train_profile.py"),
               "modes": rows}  # fmt: skip
-    (out / "profile.json").write_text(json.dumps(record, indent=1, allow_nan=False) + "\n")
+    write_json(out / "profile.json", record, indent=1)
     lines = [f"# Training-step profile ({record['hardware']}, {record['date']})", "", f"`{record['command']}`", "",
              "| mode | wall ms/step | device ms/step | kernels/step | host launch calls/step | one evaluation (s) |",
              "|---|---|---|---|---|---|"]  # fmt: skip

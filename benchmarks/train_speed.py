@@ -20,6 +20,9 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
+from routed_llama.hardware import hardware_name
+from routed_llama.io import command_line, write_json
+
 from finetune import train
 from finetune.config import RunConfig
 
@@ -86,11 +89,11 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(measure(base, first, ckpt, "trainer", 1, args.trainer_epochs))
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    record = {"hardware": train.hardware(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-              "command": "python benchmarks/train_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    record = {"hardware": hardware_name(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              "command": command_line(argv, "python benchmarks/train_speed.py"),
               "recipe": {"task": args.task, "lr": args.lr, "batch_size": base.batch_size, "lora_r": base.lora_r,
                          "buckets": base.buckets}, "rows": rows}  # fmt: skip
-    (out / "train_speed.json").write_text(json.dumps(record, indent=1, allow_nan=False) + "\n")
+    write_json(out / "train_speed.json", record, indent=1)
     plot(rows, out / "runs_per_gpu_hour.png")
     return 0
 

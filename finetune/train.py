@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -23,16 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from routed_llama.hardware import hardware_name
+from routed_llama.io import write_json
+
 from . import adapters, data, models, tasks
 from .config import RunConfig
-
-
-def hardware() -> str:
-    import platform
-
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
-    return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
 def distributed() -> bool:
@@ -204,7 +198,7 @@ def assemble(cfg: RunConfig, task: tasks.Task, s: Setup, o: dict, engine: str, p
         "train_tokens": int(train_tokens), "train_tokens_per_s": round(train_tokens / o["train_seconds"], 1),
         "peak_gpu_mem_bytes": peak, "precision": precision, "engine": engine,
         "train_loss": o.get("train_loss"), "shapes": o.get("shapes"), "group_size": o.get("group_size", 1),
-        "hardware": hardware(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "hardware": hardware_name(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "base_fingerprint": s.fingerprint, "config": dataclasses.asdict(cfg),
     }  # fmt: skip
 
@@ -214,5 +208,5 @@ def save(cfg: RunConfig, task: tasks.Task, s: Setup, result: dict):
     info = {"base": cfg.model, "base_fingerprint": s.fingerprint, "task": task.name, "num_labels": task.num_labels,
             "arm": cfg.arm, "seed": cfg.seed, "max_length": cfg.max_length, "final": result["final"]}  # fmt: skip
     adapters.save_adapter(s.model, out / "adapter", info)
-    (out / "result.json").write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
+    write_json(out / "result.json", result, indent=1)
 
