@@ -126,7 +126,8 @@ def build_inputs(root: Path) -> dict[str, Path]:
     LlamaForCausalLM(tiny_config()).save_pretrained(p["dense"])
     word_tokenizer().save_pretrained(p["dense"])
     LlamaForSequenceClassification(tiny_config(num_labels=3)).save_pretrained(p["cls3"])
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=64)).save_pretrained(p["gpt2"])
+    gpt2 = GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=64)
+    GPT2LMHeadModel(gpt2).save_pretrained(p["gpt2"])
     BertModel(BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64,
                          vocab_size=64)).save_pretrained(p["bert"])  # fmt: skip
     p["gguf"] = root / "x.gguf"
@@ -142,11 +143,10 @@ def build_inputs(root: Path) -> dict[str, Path]:
     p["full-out"].mkdir()
     (p["full-out"] / "keep.txt").write_text("precious")
     p.update(damaged_copies(p["dense"], root))
-    quiet = {"progress": False}
-    p["old"] = convert(ConvertSettings(str(p["dense"]), str(root / "ref-old"), num_clusters=N, top_k=K, seed=1, **quiet),
-                       log=lambda _: None)  # fmt: skip
-    p["new"] = convert(ConvertSettings(str(p["dense"]), str(root / "ref-new"), num_clusters=N, top_k=K, **quiet),
-                       log=lambda _: None)  # fmt: skip
+    for name, seed in (("old", 1), ("new", 0)):  # the checkpoint an --overwrite replaces, and what it writes
+        settings = ConvertSettings(str(p["dense"]), str(root / f"ref-{name}"), num_clusters=N, top_k=K, seed=seed,
+                                   progress=False)  # fmt: skip
+        p[name] = convert(settings, log=lambda _: None)
     return p
 
 
@@ -533,6 +533,21 @@ def compare_outputs(out: Path) -> tuple[str, str] | None:
     return json.dumps(results, sort_keys=True), report
 
 
+def first_difference(reference: tuple[str, str], got: tuple[str, str] | None) -> str | None:
+    """The first line where results.json (provenance left out) or report.md (above "How it ran") differ."""
+    if got is None:
+        return "no results.json or report.md"
+
+    def lines(name: str, text: str) -> list[str]:
+        return json.dumps(json.loads(text), indent=1).splitlines() if name == "results.json" else text.splitlines()
+
+    for name, a, b in (("results.json", reference[0], got[0]), ("report.md", reference[1], got[1])):
+        for x, y in zip([*lines(name, a), ""], [*lines(name, b), ""]):
+            if x != y:
+                return f"{name}: {x.strip()!r} != {y.strip()!r}"
+    return None
+
+
 def run_compare(args: list[str], delay: float | None) -> tuple[int, float]:
     """`python -m finetune compare ARGS` in its own process group; SIGKILL to the whole group after `delay` s."""
     t0 = time.perf_counter()
@@ -566,13 +581,14 @@ def run_compare_kills(root: Path, kills: int) -> dict:
     rows = []
     for i in range(kills):
         shutil.rmtree(out)
-        delay = full * (0.15 + 0.75 * i / max(kills - 1, 1))
+        delay = full * (0.1 + 0.5 * i / max(kills - 1, 1))  # the later moments can miss on a less busy machine
         rc_kill, _ = run_compare(args, delay)
         rc_resume, _ = run_compare([*args, "--resume"], None)
         got = compare_outputs(out)
         row = {"kill_after_seconds": round(delay, 1), "killed": rc_kill == -signal.SIGKILL, "resume_exit": rc_resume,
                "results_json_identical": got is not None and got[0] == reference[0],
-               "report_identical": got is not None and got[1] == reference[1]}  # fmt: skip
+               "report_identical": got is not None and got[1] == reference[1],
+               "first_difference": first_difference(reference, got)}  # fmt: skip
         row["ok"] = row["resume_exit"] == 0 and row["results_json_identical"] and row["report_identical"]
         rows.append(row)
         print(f"compare killed after {delay:5.1f} s (killed={row['killed']}): resume exit {rc_resume}, "
@@ -585,15 +601,21 @@ def run_compare_kills(root: Path, kills: int) -> dict:
 # --- the table ------------------------------------------------------------------------------------------------------
 
 
+PARTS = {"bad": "bad_inputs", "kills": "convert_kills", "compare": "compare_kills"}
+
+
 def summarise(rows: list[dict]) -> dict:
     return {"count": len(rows), "passed": sum(bool(r["ok"]) for r in rows), "rows": rows}
 
 
 def run(s: FaultSettings) -> int:
+    from routed_llama.errors import UserError
     from routed_llama.hardware import hardware_name
     from routed_llama.io import command_line, write_json
 
-    parts = set((s.only or "bad,kills,compare").split(","))
+    parts = set((s.only or ",".join(PARTS)).split(","))
+    if parts - set(PARTS):
+        raise UserError(f"--only takes {','.join(PARTS)}; got {s.only!r}")
     doc = {"format_version": 1, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "hardware": hardware_name("cpu"), "command": command_line(prog="python benchmarks/faults.py")}  # fmt: skip
     t0 = time.perf_counter()
@@ -608,6 +630,11 @@ def run(s: FaultSettings) -> int:
             doc["compare_kills"] = run_compare_kills(root, s.compare_kills)
     doc["seconds"] = round(time.perf_counter() - t0, 1)
     Path(s.out).mkdir(parents=True, exist_ok=True)
+    earlier = Path(s.out) / "faults.json"
+    if s.only and earlier.is_file():  # a partial run replaces its parts of an earlier table and keeps the others
+        kept = {k: v for k, v in json.loads(earlier.read_text()).items() if k in PARTS.values() and k not in doc}
+        doc["parts_from_earlier_run"] = {k: json.loads(earlier.read_text())["date"] for k in kept}
+        doc.update(kept)
     write_json(Path(s.out) / "faults.json", doc, indent=1)
     for key in ("bad_inputs", "convert_kills", "compare_kills"):
         if key in doc and "count" in doc[key]:
