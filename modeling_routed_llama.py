@@ -378,9 +378,14 @@ if triton is not None:
                 else:
                     acc_g = tl.dot(xt, tl.trans(wg), acc_g)
                     acc_u = tl.dot(xt, tl.trans(wu), acc_u)
+        # one return statement: Triton types every `return` it meets, also one after a constexpr branch returned
         if MODE == 0:
-            return tl.sum(acc_g, axis=1)[None, :], tl.sum(acc_u, axis=1)[None, :]
-        return acc_g, acc_u
+            g = tl.sum(acc_g, axis=1)[None, :]  # (1, BR)
+            u = tl.sum(acc_u, axis=1)[None, :]
+        else:
+            g = acc_g  # (BM, BR)
+            u = acc_u
+        return g, u
 
     @triton.jit
     def _gate_up_kernel(x_ptr, wg_ptr, wu_ptr, rc_ptr, s_ptr, h_ptr, M, H, I, N, top_k,
