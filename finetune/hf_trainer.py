@@ -19,12 +19,11 @@ def _sequential_eval_trainer():
 
     class SequentialEvalTrainer(Trainer):
         """Evaluates in dataset order: with `train_sampling_strategy="group_by_length"` transformers 5 also
-        shuffles evaluation batches, which would misalign the per-example predictions we record."""
+        shuffles evaluation batches, which would misalign the per-example predictions we record. Under torchrun
+        accelerate shards the sequential batches and `gather_for_metrics` restores their order."""
 
         def _get_eval_sampler(self, eval_dataset):
-            if eval_dataset is not None and self.args.world_size <= 1:
-                return SequentialSampler(eval_dataset)
-            return super()._get_eval_sampler(eval_dataset)
+            return SequentialSampler(eval_dataset)
 
     return SequentialEvalTrainer
 
@@ -69,6 +68,9 @@ def training_arguments(cfg, scratch: str, precision: str):
         dataloader_num_workers=cfg.num_workers,
         use_cpu=not torch.cuda.is_available(),
         label_names=["labels"],
+        # the classification loss is a batch mean: multiplying it by the world size (meant for token-summed LM
+        # losses) would double the eval loss and the clipped gradients under torchrun
+        average_tokens_across_devices=False,
     )
 
 
@@ -107,6 +109,10 @@ def fit_trainer(s, cfg, task: tasks.Task, precision: str) -> dict:
         )
         trainer.remove_callback(PrinterCallback)  # the harness prints one line per run instead
         before = strip_metrics(trainer.evaluate())
+        # evaluating first marks the model as prepared (for evaluation), and train() would then skip wrapping it in
+        # DistributedDataParallel: every rank would train alone on its shard
+        if getattr(trainer.model, "_is_accelerate_prepared", False):
+            del trainer.model._is_accelerate_prepared
         if torch.cuda.is_available():
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()

@@ -37,19 +37,10 @@ PEARSON_ATOL = 0.5  # points of the final metric (in %); measured equal to 0.01
 # that whole batch's mean loss (measured 3.9% above the one-process loss before training, 4.9% after)
 LOSS_RTOL = 0.10
 
-# Until finetune/hf_trainer.py has the three changes below, distributed training is not data-parallel and the
-# predictions come back out of order (transformers 5.24, accelerate 1.15, measured 2026-11-29):
-# 1. evaluate in file order under torchrun too: `_get_eval_sampler` returns SequentialSampler(eval_dataset) whatever
-#    the world size (transformers' own sampler for train_sampling_strategy="group_by_length" groups eval batches
-#    by length in random order; accelerate shards sequential batches and gather_for_metrics restores their order);
-# 2. the evaluation before training marks the model `_is_accelerate_prepared` (evaluation mode), so train() never
-#    wraps it in DistributedDataParallel and each rank trains alone on its half: drop that mark after it
-#    (`del trainer.model._is_accelerate_prepared` when set);
-# 3. `average_tokens_across_devices=False` in TrainingArguments: with it on (the default) Trainer multiplies the
-#    loss by the world size (meant for token-summed LM losses; the classification loss is a batch mean), which
-#    doubles the reported eval loss and the gradients that are clipped.
-NEEDS_HF_TRAINER_FIX = pytest.mark.xfail(reason="needs the finetune/hf_trainer.py changes listed above (lead)",
-                                         strict=False)  # fmt: skip
+# finetune/hf_trainer.py makes three changes for this to hold (transformers 5.24, accelerate 1.15, 2026-11-29):
+# evaluation in file order whatever the world size; the prepared-for-evaluation mark that the evaluation before
+# training leaves is dropped, so train() wraps the model in DistributedDataParallel; average_tokens_across_devices
+# off (the classification loss is a batch mean, not a token sum).
 
 DRIVER = r'''
 import json, os, sys
@@ -156,7 +147,6 @@ def test_finishes_and_ranks_agree(distributed):
         assert r0["final"] == r1["final"] and r0["predictions"] == r1["predictions"], name  # gathered on every rank
 
 
-@NEEDS_HF_TRAINER_FIX
 def test_predictions_cover_the_dev_set_once_in_file_order(distributed, single):
     results, _, _ = distributed
     got, want = results["frozen"]["0"], single["frozen"]
@@ -166,7 +156,6 @@ def test_predictions_cover_the_dev_set_once_in_file_order(distributed, single):
     np.testing.assert_allclose(got["predictions"], want["predictions"], atol=FROZEN_ATOL, rtol=0)
 
 
-@NEEDS_HF_TRAINER_FIX
 def test_final_metric_and_loss_match_one_process(distributed, single):
     results, _, _ = distributed
     got, want = results["learning"]["0"], single["learning"]
