@@ -235,18 +235,12 @@ def check_conversions(settings: CompareSettings, recipe: RunConfig):
     if not todo:
         return
     from routed_llama.source import load_base_config, resolve_source
-    from routed_llama.surgery import parse_layers
+    from routed_llama.surgery import check_fits
 
     config = load_base_config(resolve_source(recipe.model))
     for arm in todo:
         _conversion_settings(recipe.model, Path(settings.output) / CHECKPOINTS / arm.name, arm)
-        try:
-            parse_layers(arm.layers, config.num_hidden_layers)
-        except UserError as exc:
-            raise UserError(f"arm {arm.name}: {exc}") from None
-        if arm.num_clusters > config.intermediate_size:
-            raise UserError(f"arm {arm.name}: num_clusters {arm.num_clusters} exceeds the FFN's intermediate_size "
-                            f"{config.intermediate_size}")  # fmt: skip
+        check_fits(config, arm.layers, arm.num_clusters, f"arm {arm.name}")
 
 
 def _convert_arm(base: str, target: Path, arm: Arm, log):

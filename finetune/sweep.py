@@ -269,7 +269,7 @@ def _check_structure(plan: Plan):
 def check_inputs(plan: Plan, data_dir: str | None):
     """Every task's train and dev split can be read, and every config fits the base model (layers, N)."""
     from routed_llama.source import load_base_config, resolve_source
-    from routed_llama.surgery import parse_layers
+    from routed_llama.surgery import check_fits
 
     for t in plan.tasks:
         task = tasks.get_task(t)
@@ -283,13 +283,7 @@ def check_inputs(plan: Plan, data_dir: str | None):
     except ValueError as exc:  # ConversionError: not a Llama, missing, unreadable
         raise UserError(f"plan: model {plan.model!r}: {exc}") from None
     for c in plan.configs:
-        try:
-            parse_layers(c.layers, base.num_hidden_layers)
-        except ValueError as exc:
-            raise UserError(f"plan: config {c.name}: {exc}") from None
-        if c.num_clusters > base.intermediate_size:
-            raise UserError(f"plan: config {c.name}: num_clusters {c.num_clusters} exceeds the FFN's "
-                            f"intermediate_size {base.intermediate_size}")  # fmt: skip
+        check_fits(base, c.layers, c.num_clusters, f"plan: config {c.name}")
 
 
 def check_output(plan: Plan, out: Path, resume: bool):

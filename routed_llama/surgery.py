@@ -76,6 +76,18 @@ def parse_layers(spec: str | list[int] | None, num_layers: int) -> list[int]:
     return sorted(set(items))
 
 
+def check_fits(base_config, layers, num_clusters: int, name: str):
+    """A routed layout fits a base's config, no weight read: its layers exist and N is at most the FFN's
+    intermediate size. Errors start with `name` (e.g. "arm last8", "plan: config reference")."""
+    try:
+        parse_layers(layers, base_config.num_hidden_layers)
+    except ValueError as exc:
+        raise UserError(f"{name}: {exc}") from None
+    if num_clusters > base_config.intermediate_size:
+        raise UserError(f"{name}: num_clusters {num_clusters} exceeds the FFN's intermediate_size "
+                        f"{base_config.intermediate_size}")  # fmt: skip
+
+
 def routed_config_from(base_config, spec: RoutingSpec, offsets_by_layer: dict[int, list[int]]):
     """The RoutedLlamaConfig of the surgery's result: the dense config plus the routing fields."""
     from configuration_routed_llama import RoutedLlamaConfig
