@@ -64,8 +64,8 @@ ARMS=(--arm name=routed-last8,layers=22-29 --arm name=routed-all,layers=all)
 if wants decode && [ ! -f "$OUT/decode/decode.json" ]; then
   step "decode -> $OUT/decode"
   mkdir -p "$OUT/decode"
-  "$PY" benchmarks/check_gpu.py 2>&1 | tee "$OUT/decode/check_gpu.txt"
-  run decode "$PY" benchmarks/decode.py --shapes tinyllama llama7b --tune --out "$OUT/decode"
+  run check-gpu "$PY" benchmarks/check_gpu.py --out "$OUT/decode/check_gpu.json"
+  run decode "$PY" benchmarks/decode.py --shapes tinyllama llama7b --batches 1 4 --ratios 0.25 0.5 1 --out "$OUT/decode"
 fi
 
 # results/decode-standin: decode speed of the base itself (real weights)
@@ -90,13 +90,25 @@ if wants train-speed && [ ! -f "$OUT/train-speed/train_speed.json" ]; then
     --arm "all30=$CK/routed-all" --data-dir "$GLUE" --task rte --epochs 5 --jobs 1 4 8 --output "$OUT/train-speed"
 fi
 
-# results/rte-standin-lr5e-4, results/rte-standin-lr2e-5: plain vs routed LoRA on RTE, 5 seeds per arm
+# results/train-profile, results/train-probe: where a training step's time goes (eager vs one CUDA graph per step)
+if wants train-speed && [ ! -f "$OUT/train-profile/profile.json" ]; then
+  step "train-profile -> $OUT/train-profile, $OUT/train-probe"
+  run train-profile "$PY" benchmarks/train_profile.py --model "$BASE" --data-dir "$GLUE" --task rte --steps 30 \
+    --output "$OUT/train-profile"
+  run train-probe "$PY" benchmarks/train_probe.py --out "$OUT/train-probe"
+fi
+
+# results/rte-standin-lr5e-4, results/rte-standin-lr2e-5: plain vs routed LoRA on RTE, 5 seeds per arm, with the
+# Trainer engine (as committed); results/rte-standin-lr5e-4-fast: the same at lr 5e-4 with the fast engine
 if wants rte; then
   routed_arms
-  for lr in 5e-4 2e-5; do
-    step "rte lr $lr -> $OUT/rte-standin-lr$lr"
-    run "rte-lr$lr" "$PY" -m finetune compare --model "$BASE" --task rte --data-dir "$GLUE" --lr "$lr" \
-      --seeds 0 1 2 3 4 "${ARMS[@]}" --checkpoint-dir "$CK" --jobs "$JOBS" --output "$OUT/rte-standin-lr$lr" --resume
+  for run_ in 5e-4:trainer 2e-5:trainer 5e-4:fast; do
+    lr=${run_%%:*} engine=${run_#*:}
+    name=rte-standin-lr$lr$([ "$engine" = fast ] && echo -fast)
+    step "rte lr $lr, $engine engine -> $OUT/$name"
+    run "$name" "$PY" -m finetune compare --model "$BASE" --task rte --data-dir "$GLUE" --lr "$lr" \
+      --engine "$engine" --seeds 0 1 2 3 4 "${ARMS[@]}" --checkpoint-dir "$CK" --jobs "$JOBS" --output "$OUT/$name" \
+      --resume
   done
 fi
 
