@@ -19,7 +19,7 @@ def finetune_lines(result: dict) -> list[str]:
         f"{result['eval_examples']} dev examples, {result['train_examples']} train examples x {cfg['epochs']:g} "
         f"epochs, lr {cfg['lr']:g}, LoRA r={cfg['lora_r']})",
         f"training       : {steps:g} steps of {cfg['batch_size']} in {result['train_seconds']:.1f} s = "
-        f"{result['train_seconds'] / steps:.2f} s per step ({result['hardware']})",
+        f"{result['train_seconds'] / steps:.2f} s per step, the per-epoch dev evaluations included ({result['hardware']})",
     ]
     off = result.get("final_routing_off")
     if off:
