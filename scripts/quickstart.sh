@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 # the fine-tune here from 64 s to 602 s (2 threads, load ~4). Passive waiting costs nothing measurable when idle.
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 ROOT=$PWD
-PY=$ROOT/.venv/bin/python
+PY=$(realpath "${VENV:-.venv}")/bin/python
 OUT=outputs/quickstart
 CKPT=$OUT/smollm2-135m-routed-last8
 GLUE=${ROUTED_LLAMA_SHARED:-$(cd .. && pwd)/shared}/data/glue

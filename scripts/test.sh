@@ -8,4 +8,4 @@ cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}  # no spinning OpenMP threads on shared cores (see quickstart.sh)
 export ROUTED_LLAMA_SHARED=${ROUTED_LLAMA_SHARED:-$(cd .. && pwd)/shared}
-exec .venv/bin/python -m pytest -q -ra --no-fold-skipped --durations=10 "$@"
+exec "${VENV:-.venv}/bin/python" -m pytest -q -ra --no-fold-skipped --durations=10 "$@"
