@@ -32,7 +32,9 @@ step() {
 }
 
 step convert "$PY" convert.py stand-in "$CKPT" --layers 22-29 --num-clusters 32 --top-k 16 --no-progress --overwrite
-step generate bash -c 'cd "$(mktemp -d)" && "$1" "$2/scripts/demo.py" "$2/$3"' _ "$PY" "$ROOT" "$CKPT"
+EMPTY=$(mktemp -d)  # the demo runs here: the model code must come from the checkpoint, not from this repository
+trap 'rm -rf "$EMPTY"' EXIT
+step generate bash -c 'cd "$1" && "$2" "$3/scripts/demo.py" "$3/$4"' _ "$EMPTY" "$PY" "$ROOT" "$CKPT"
 step fine-tune "$PY" -m finetune run --routed "$CKPT" --task sst2 "${DATA[@]}" --max-train-samples 320 \
   --max-eval-samples 200 --max-length 64 --buckets 16 24 32 48 64 --epochs 2 --lr 1e-3 --seed 0 --no-eval-routing-off \
   --output-dir "$OUT/finetune"
