@@ -31,9 +31,7 @@ def export(settings: ExportSettings) -> None:
     source = resolve_source(settings.model, settings.gguf_file)
     with quiet():
         model, tokenizer = load_dense(source, "causal-lm", num_labels=2, seed=0)
-    # the saved config names where the weights came from (a GGUF's own name is a temporary path)
-    model.config.name_or_path = source.display
-    with atomic_output(settings.out_dir, settings.overwrite) as tmp:
+    with atomic_output(settings.out_dir, settings.overwrite) as tmp, quiet():  # no progress bars while saving
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
