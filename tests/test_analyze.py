@@ -19,6 +19,8 @@ from finetune.analysis import FORMAT_VERSION, AnalysisError, AnalyzeSettings, an
 from finetune.analysis import record as R
 from finetune.analysis import statistics as S
 
+from test_runner import char_tokenizer
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -353,18 +355,6 @@ def test_recorder_refuses_a_model_without_routers():
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _char_tokenizer():
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<unk>": 1, "<eos>": 2, "\n": 3}
-    for i in range(32, 127):
-        vocab[chr(i)] = len(vocab)
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>")
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """Paths of a tiny dense Llama (with a character tokenizer) and of its routed conversion (N=5, k=2, layers 1-2)."""
@@ -377,7 +367,7 @@ def tiny(tmp_path_factory):
     torch.manual_seed(0)
     dense = LlamaForCausalLM(tiny_llama_config())
     dense.save_pretrained(root / "dense")
-    _char_tokenizer().save_pretrained(root / "dense")
+    char_tokenizer().save_pretrained(root / "dense")
     settings = convert.ConvertSettings(
         model=str(root / "dense"), out_dir=str(root / "routed"), num_clusters=5, top_k=2, layers="1-2", progress=False
     )
