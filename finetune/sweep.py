@@ -80,8 +80,6 @@ class SweepSettings:
                 raise UserError(f"--{name} must be an integer >= 1, got {value!r}")
         if self.budget_s is not None and not self.budget_s > 0:
             raise UserError(f"--budget-s must be > 0, got {self.budget_s}")
-        if not Path(self.plan).is_file():
-            raise UserError(f"no plan file {self.plan}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -556,6 +554,8 @@ def sweep(settings: SweepSettings, log=print, command: str = "") -> dict:
     results.json, report.md and the figures from every finished run. Returns the results dict."""
     from . import sweep_report
 
+    if not Path(settings.plan).is_file():  # here, not in SweepSettings: parsing the flags touches no file
+        raise UserError(f"no plan file {settings.plan}")
     plan = read_plan(settings.plan)
     if settings.model:  # the same base from another place; plan.raw (what OUTPUT must hold) keeps the plan's name
         plan = dataclasses.replace(plan, model=settings.model)
