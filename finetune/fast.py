@@ -97,13 +97,13 @@ class FastEngine:
 
     # --- capture and replay -----------------------------------------------------------------------------------
 
-    def _to_device(self, batch: data.Batch) -> dict:
+    def _tensors(self, batch: data.Batch) -> dict:
         return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "labels": batch.labels,
                 "weight": batch.weight}  # fmt: skip
 
-    def _capture(self, kind: str, batch: data.Batch, fn: Callable):
+    def _capture(self, batch: data.Batch, fn: Callable):
         """Capture `fn` on static copies of `batch` (after two warm-up calls on a side stream, as CUDA graphs need)."""
-        static = {k: v.to(self.device) for k, v in self._to_device(batch).items()}
+        static = {k: v.to(self.device) for k, v in self._tensors(batch).items()}
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -117,14 +117,14 @@ class FastEngine:
 
     def _run(self, kind: str, batch: data.Batch, fn: Callable):
         if not self.graphs:
-            return fn({k: v.to(self.device) for k, v in self._to_device(batch).items()})
+            return fn({k: v.to(self.device) for k, v in self._tensors(batch).items()})
         key = (kind, batch.length)
         if key not in self.captured:
             if kind == "train":
                 raise RuntimeError(f"no captured training step for length {batch.length}: prepare_training first")
-            self.captured[key] = self._capture(kind, batch, fn)
+            self.captured[key] = self._capture(batch, fn)
         graph, static, out = self.captured[key]
-        for k, v in self._to_device(batch).items():
+        for k, v in self._tensors(batch).items():
             static[k].copy_(v, non_blocking=True)
         graph.replay()
         return out
@@ -152,7 +152,7 @@ class FastEngine:
         self.lr.fill_(0.0)
         for length, b in sorted(firsts.items()):
             silent = data.Batch(b.input_ids, b.attention_mask, b.labels, torch.zeros_like(b.weight), 0)
-            self.captured[("train", length)] = self._capture("train", silent, self._train_step)
+            self.captured[("train", length)] = self._capture(silent, self._train_step)
         torch.cuda.synchronize()
         self._reset_optimizer()
 
