@@ -62,6 +62,9 @@ class RunConfig:
             raise UserError(f"routing_impl must be mask, sparse or auto, got {self.routing_impl!r}")
         if self.engine not in ("auto", "fast", "trainer"):
             raise UserError(f"engine must be auto, fast or trainer, got {self.engine!r}")
+        if self.precision == "fp16" and self.engine != "trainer":
+            raise UserError("fp16 needs loss scaling, which only the Trainer engine has: pass --engine trainer, or "
+                            "use bf16 or fp32")  # fmt: skip
         b = list(self.buckets)
         if not b or any(int(x) != x or x <= 0 or x % 8 for x in b) or b != sorted(set(b)):
             raise UserError(f"buckets must be ascending distinct positive multiples of 8, got {self.buckets}")

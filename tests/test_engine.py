@@ -81,6 +81,12 @@ def test_bucket_spec_is_validated(bad):
         RunConfig(buckets=bad, max_length=32).validate()
 
 
+def test_fp16_needs_the_trainer_engine():
+    with pytest.raises(ValueError, match="loss scaling"):
+        RunConfig(precision="fp16").validate()
+    RunConfig(precision="fp16", engine="trainer").validate()
+
+
 def test_largest_bucket_must_hold_max_length():
     with pytest.raises(ValueError, match="max_length"):
         RunConfig(buckets=[64, 128], max_length=256).validate()
