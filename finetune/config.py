@@ -71,3 +71,14 @@ class RunConfig:
         if b[-1] < self.max_length:
             raise UserError(f"the largest bucket ({b[-1]}) must be >= max_length ({self.max_length}): nothing is truncated")
         return self
+
+
+def resolve_precision(precision: str, device: str | None = None) -> str:
+    """"auto" -> "bf16" on a CUDA device that has it (`device` None: the default device), else "fp32"; any other
+    value is returned as it is. One rule for training and for evaluating an adapter."""
+    if precision != "auto":
+        return precision
+    import torch
+
+    cuda = torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
+    return "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from . import adapters, data, tasks
+from .config import resolve_precision
 
 PRECISIONS = ("auto", "bf16", "fp32")
 
@@ -37,10 +38,7 @@ class EvaluateSettings:
 
 def _autocast_dtype(precision: str, device: str) -> torch.dtype | None:
     """bf16 where asked for (or, with "auto", on a GPU that has it); None: plain fp32."""
-    if precision == "auto":
-        cuda = device.startswith("cuda") and torch.cuda.is_available()
-        precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
-    return torch.bfloat16 if precision == "bf16" else None
+    return torch.bfloat16 if resolve_precision(precision, device) == "bf16" else None
 
 
 @torch.no_grad()

@@ -26,7 +26,7 @@ from routed_llama.hardware import hardware_name
 from routed_llama.io import write_json
 
 from . import adapters, data, models, tasks
-from .config import RunConfig
+from .config import RunConfig, resolve_precision
 
 
 def distributed() -> bool:
@@ -44,12 +44,6 @@ def engine_of(cfg: RunConfig) -> str:
             raise ValueError("the fast engine runs on one device; use --engine trainer under torchrun/accelerate")
         return cfg.engine
     return "trainer" if distributed() else "fast"
-
-
-def precision_of(cfg: RunConfig) -> str:
-    if cfg.precision != "auto":
-        return cfg.precision
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
 
 
 @dataclass
@@ -165,7 +159,7 @@ def run_group(cfgs: list[RunConfig | dict]) -> list[dict]:
         raise ValueError("the Trainer engine trains one run at a time")
     t_start = time.perf_counter()
     setups = [prepare(c, task) for c in cfgs]
-    precision = precision_of(cfgs[0])
+    precision = resolve_precision(cfgs[0].precision)
     if engine == "fast":
         outcomes = fit_fast(setups, cfgs, task, precision)
     else:
