@@ -1,5 +1,5 @@
 """The fast engine on random weights, no data or tokenizer needed: one epoch eager vs one CUDA graph per step, and
-K runs side by side on their own CUDA streams. Needs a CUDA device.
+K runs packed into one model (finetune/packed.py). Needs a CUDA device.
 
     python benchmarks/train_probe.py --out results/train-probe
 
@@ -7,7 +7,8 @@ The model is a random SmolLM2-135M-shaped LlamaForSequenceClassification (30 lay
 3 KV heads) with LoRA r 32 on q_proj/v_proj; the data are 2,490 random examples whose lengths follow a log-normal
 around 60 tokens (RTE-like), batch 16, bf16 autocast. Writes probe.json:
 - "epoch": per mode (eager, graphs), the seconds of one epoch with its evaluation and the mean training loss;
-- "side_by_side": per bucket set and K, milliseconds per step per run with K runs interleaved on K streams.
+- "packed": per bucket set and K, milliseconds per training step per run with K runs packed (one graph per step),
+  the padded tokens per packed step and the peak GPU memory.
 """
 
 from __future__ import annotations
@@ -38,48 +39,63 @@ def examples(n: int, seed: int) -> list[dict]:
              "labels": int(rng.integers(0, 2))} for n_ in lengths]  # fmt: skip
 
 
-def engine(seed: int, buckets: list[int]) -> fast.FastEngine:
+def engine(k: int, buckets: list[int]) -> tuple[fast.FastEngine, list[RunConfig]]:
+    """K runs (seeds 0..K-1: own head and LoRA init) of one random base; K > 1 packed into one model."""
+    import copy
+
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    torch.manual_seed(seed)
-    model = LlamaForSequenceClassification(LlamaConfig(**SHAPE, num_labels=2))
-    lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=32, lora_alpha=64, target_modules=["q_proj", "v_proj"],
-                      modules_to_save=["score"])  # fmt: skip
-    cfg = RunConfig(task="rte", lr=5e-4, epochs=1, batch_size=16, seed=seed, buckets=buckets)
-    return fast.FastEngine(get_peft_model(model, lora).cuda(), cfg, tasks.get_task("rte"), SHAPE["pad_token_id"],
-                           "bf16", torch.device("cuda"))  # fmt: skip
+    from finetune import packed
+
+    torch.manual_seed(0)
+    base = LlamaForSequenceClassification(LlamaConfig(**SHAPE, num_labels=2))
+    cfgs, models = [], []
+    for seed in range(k):
+        torch.manual_seed(seed)
+        lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=32, lora_alpha=64, target_modules=["q_proj", "v_proj"],
+                          modules_to_save=["score"])  # fmt: skip
+        models.append(get_peft_model(copy.deepcopy(base), lora))
+        cfgs.append(RunConfig(task="rte", lr=5e-4, epochs=1, batch_size=16, seed=seed, buckets=buckets))
+    model = models[0] if k == 1 else packed.Pack(models).model
+    e = fast.FastEngine(model.cuda(), cfgs[0], tasks.get_task("rte"), SHAPE["pad_token_id"], "bf16",
+                        torch.device("cuda"), k)  # fmt: skip
+    return e, cfgs
 
 
 def one_epoch(mode: str, train: list[dict], dev: list[dict]) -> dict:
-    e = engine(0, [64, 128, 256])
+    e, cfgs = engine(1, [64, 128, 256])
     e.graphs = mode == "graphs"
     labels = np.array([it["labels"] for it in dev])
-    out = fast.fit(e, train, dev, lambda p: tasks.compute_metrics(e.task, p, labels))
+    out = fast.fit(e, cfgs, train, dev, lambda p: tasks.compute_metrics(e.task, p, labels))[0]
     return {"mode": mode, "train_seconds": round(out["train_seconds"], 3), "train_loss": out["train_loss"]}
 
 
-def side_by_side(k: int, buckets: list[int], train: list[dict], steps: int) -> dict:
-    engines = [engine(s, buckets) for s in range(k)]
-    plans = [fast.epoch_batches(e.cfg, train, e.pad_id, False, pin=True)[0] for e in engines]
-    for e, batches in zip(engines, plans):
-        e.prepare_training([batches])
+def packed_steps(k: int, buckets: list[int], train: list[dict], steps: int) -> dict:
+    import gc
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    e, cfgs = engine(k, buckets)
+    batches = fast.packed_batches(cfgs, train, e.pad_id, False, pin=True)[0]
+    e.prepare_training([batches])
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for i in range(steps):
-        for e, batches in zip(engines, plans):
-            with e.context():
-                e.set_lr(1e-4)
-                e.train_step(batches[i])
+        e.set_lr(1e-4)
+        e.train_step(batches[i])
     torch.cuda.synchronize()
     ms = 1e3 * (time.perf_counter() - t0) / steps / k
-    return {"k": k, "buckets": buckets, "ms_per_step_per_run": round(ms, 3)}
+    rows = sum(b.input_ids.numel() for b in batches[:steps]) / steps
+    return {"k": k, "buckets": buckets, "ms_per_step_per_run": round(ms, 3), "tokens_per_packed_step": round(rows, 1),
+            "peak_gpu_mem_bytes": torch.cuda.max_memory_allocated()}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="results/train-probe")
-    p.add_argument("--k", type=int, nargs="+", default=[1, 4, 8])
+    p.add_argument("--k", type=int, nargs="+", default=[1, 4, 8, 16])
     p.add_argument("--steps", type=int, default=60)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -89,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     record = {"hardware": hardware_name(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "command": command_line(argv, "python benchmarks/train_probe.py"),
               "epoch": [one_epoch(m, train, dev) for m in ("graphs", "eager")],
-              "side_by_side": [side_by_side(k, b, train, args.steps) for b in ([64, 128, 256],
-                               [32, 48, 64, 96, 128, 192, 256]) for k in args.k]}  # fmt: skip
+              "packed": [packed_steps(k, b, train, args.steps) for b in ([64, 128, 256],
+                         [32, 48, 64, 96, 128, 192, 256]) for k in args.k]}  # fmt: skip
     Path(args.out).mkdir(parents=True, exist_ok=True)
     write_json(Path(args.out) / "probe.json", record, indent=1)
     print(record)

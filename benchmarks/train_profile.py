@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         s.model.cuda()
         engine = fast.FastEngine(s.model, cfg, task, s.tokenizer.pad_token_id, "bf16", torch.device("cuda"))
         engine.graphs = mode == "graphs"
-        batches = fast.epoch_batches(cfg, s.train_ds.items, engine.pad_id, task.is_regression, pin=True)[0]
+        batches = fast.packed_batches([cfg], s.train_ds.items, engine.pad_id, task.is_regression, pin=True)[0]
         engine.prepare_training([batches])
         rows[mode] = profile_mode(engine, batches, s.eval_ds.items, args.steps)
         print(mode, json.dumps({k: v for k, v in rows[mode].items() if not k.startswith("top")}), flush=True)

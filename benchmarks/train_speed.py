@@ -1,12 +1,12 @@
-"""Training speed of the fine-tuning harness: solo runs per arm and engine, and runs trained side by side.
+"""Training speed of the fine-tuning harness: solo runs per arm and engine, and runs trained together (packed).
 
     python benchmarks/train_speed.py --model BASE --arm plain=BASE --arm last8=CKPT --arm all30=CKPT \
         --data-dir GLUE --task rte --epochs 5 --jobs 1 4 8 --output results/train-speed
 
 Rows {arm, mode, jobs, epochs, train_seconds, run_seconds, tokens_per_s, peak_gpu_mem_bytes, runs_per_gpu_hour,
 final}: `mode` is the engine ("fast": one CUDA graph per step; "trainer": transformers.Trainer, eager);
-`jobs` is how many runs (seeds 0..jobs-1 of one arm) train side by side in one process, each on its own CUDA
-stream; `runs_per_gpu_hour` = 3600 * jobs / run_seconds, where run_seconds is the whole call (loading, tokenising,
+`jobs` is how many runs (seeds 0..jobs-1 of one arm) train together in one process, packed into one model
+(finetune/packed.py; `--group` of compare and sweep); `runs_per_gpu_hour` = 3600 * jobs / run_seconds, where run_seconds is the whole call (loading, tokenising,
 capturing, training, evaluating). Writes train_speed.json and runs_per_gpu_hour.png to --output.
 """
 
@@ -58,7 +58,7 @@ def plot(rows: list[dict], path: Path):
         pts = sorted((r["jobs"], r["runs_per_gpu_hour"]) for r in rows if (r["arm"], r["mode"]) == (arm, mode))
         ax.plot(*zip(*pts), marker="o", label=f"{arm} ({mode})")
     ax.axhline(600, color="grey", ls="--", lw=1, label="target 600")
-    ax.set_xlabel("runs side by side on one GPU (jobs)")
+    ax.set_xlabel("runs trained together on one GPU, packed (jobs)")
     ax.set_ylabel("runs per GPU-hour")
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -106,7 +106,7 @@ class CompareSettings:
     lr_holdout: float = field(default=0.1, metadata={"help": "fraction of train held out to choose the lr"})
     jobs: int = field(default=1, metadata={"help": "runs at a time (persistent workers, round-robin over the GPUs)"})
     group: int = field(default=1, metadata={
-        "help": "runs of one arm trained side by side by each worker (fast engine, one CUDA stream each)"})
+        "help": "seeds of one arm each worker trains together, packed into one model (fast engine)"})
     name: str | None = field(default=None, metadata={"help": "experiment name (default: the output folder's name)"})
     checkpoint_dir: str | None = field(default=None, metadata={
         "help": "where routed arms are converted (default OUTPUT/checkpoints; a finished conversion is reused)"})

@@ -10,11 +10,14 @@ batches are padded to a few bucket lengths (`RunConfig.buckets`), each captured 
 The math is Trainer's: mean loss over the real examples of a batch (weight-0 filler rows pad the last batch),
 clip to `max_grad_norm`, AdamW (betas 0.9/0.999, eps 1e-8), linear warmup over ceil(warmup_ratio * steps) then
 linear decay (the first step has lr 0), bf16 autocast over fp32 weights. On the CPU the same step runs eagerly.
+
+One engine trains K runs at once: K = 1 trains the PEFT model as it is; K > 1 trains a `packed.Pack` (K adapters
+over one base, one forward of the K runs' batches stacked; see finetune/packed.py). Every batch the engine sees has
+K * B rows, run j's rows at [j*B, (j+1)*B); losses, gradient norms and clipping are per run.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -35,21 +38,25 @@ def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
 
 
 class FastEngine:
-    """Trains and evaluates one PEFT sequence classifier with static shapes (see the module docstring)."""
+    """Trains and evaluates K PEFT sequence classifiers of one recipe with static shapes (see the module docstring)."""
 
-    def __init__(self, model, cfg: RunConfig, task: tasks.Task, pad_id: int, precision: str, device: torch.device):
+    def __init__(self, model, cfg: RunConfig, task: tasks.Task, pad_id: int, precision: str, device: torch.device,
+                 k: int = 1):  # fmt: skip
         if precision == "fp16":
             raise ValueError("the fast engine trains in bf16 or fp32; use --engine trainer for fp16 (loss scaling)")
-        self.model, self.cfg, self.task, self.pad_id, self.device = model, cfg, task, pad_id, device
+        self.model, self.cfg, self.task, self.pad_id, self.device, self.k = model, cfg, task, pad_id, device, k
         self.amp = precision == "bf16"
         self.graphs = device.type == "cuda"
         self.params = [p for p in model.parameters() if p.requires_grad]
+        if k > 1 and any(p.shape[:1] != (k,) for p in self.params):
+            raise ValueError(f"a packed model of {k} runs stacks every trainable tensor on a leading dimension of {k}")
         for p in self.params:  # static gradient buffers: every captured step accumulates into the same tensors
             p.grad = torch.zeros_like(p)
         self.grads = [p.grad for p in self.params]
-        decay = [p for p in self.params if p.ndim >= 2]  # as Trainer: no weight decay on biases and norms
+        # as Trainer: no weight decay on biases and norms (a packed tensor has one more dimension)
+        decay = [p for p in self.params if p.ndim - (k > 1) >= 2]
         groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-                  {"params": [p for p in self.params if p.ndim < 2], "weight_decay": 0.0}]  # fmt: skip
+                  {"params": [p for p in self.params if p.ndim - (k > 1) < 2], "weight_decay": 0.0}]  # fmt: skip
         if self.graphs:  # a tensor lr is updated in place between replays; fused + capturable run inside a graph
             self.lr = torch.zeros((), device=device)
             self.opt = torch.optim.AdamW(groups, lr=self.lr, betas=(0.9, 0.999), eps=1e-8, fused=True, capturable=True)
@@ -57,10 +64,6 @@ class FastEngine:
             self.lr = None
             self.opt = torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.999), eps=1e-8)
         self.pool = torch.cuda.graph_pool_handle() if self.graphs else None
-        # one stream per engine: the graphs of several runs trained side by side (fit_many) overlap on the GPU
-        self.stream = torch.cuda.Stream() if self.graphs else None
-        if self.stream is not None:
-            self.stream.wait_stream(torch.cuda.current_stream())
         self.captured: dict[tuple[str, int], tuple] = {}  # (kind, length) -> (graph, static inputs, static output)
 
     # --- one step, the same code eager or captured -------------------------------------------------------------
@@ -70,30 +73,43 @@ class FastEngine:
 
     def _logits(self, b: dict) -> torch.Tensor:
         with self._autocast():
-            logits = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits  # (B, C)
+            logits = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits  # (K*B, C)
         return logits.float()
 
     def _losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Per-example loss, (B,): cross-entropy, or squared error for regression (as transformers' heads)."""
+        """Per-example loss, (K*B,): cross-entropy, or squared error for regression (as transformers' heads)."""
         if self.task.is_regression:
             return (logits.squeeze(-1) - labels).square()
         return F.cross_entropy(logits, labels, reduction="none")
 
+    def _clip(self):
+        """Trainer's clip_grad_norm_, run by run: run j's gradient norm is over its slices [j] alone."""
+        max_norm = self.cfg.max_grad_norm
+        if not max_norm or max_norm <= 0:
+            return
+        if self.k == 1:
+            torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True)
+            return
+        sq = torch.stack([g.reshape(self.k, -1).float().square().sum(1) for g in self.grads]).sum(0)  # (K,)
+        coef = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)  # (K,), as clip_grad_norm_
+        for g in self.grads:
+            g.mul_(coef.view(-1, *[1] * (g.ndim - 1)).to(g.dtype))
+
     def _train_step(self, b: dict) -> torch.Tensor:
-        w = b["weight"]  # (B,)
-        loss = (self._losses(self._logits(b), b["labels"]) * w).sum() / w.sum().clamp(min=1.0)
-        loss.backward()
-        if self.cfg.max_grad_norm and self.cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm, foreach=True)
+        w = b["weight"].view(self.k, -1)  # (K, B)
+        losses = self._losses(self._logits(b), b["labels"]).view(self.k, -1)  # (K, B)
+        loss = (losses * w).sum(1) / w.sum(1).clamp(min=1.0)  # (K,): each run's mean over its real examples
+        loss.sum().backward()  # run j's parameters see run j's loss alone
+        self._clip()
         self.opt.step()
         torch._foreach_zero_(self.grads)
         return loss.detach()
 
     @torch.no_grad()
     def _eval_step(self, b: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self._logits(b)  # (B, C)
-        preds = logits.squeeze(-1) if self.task.is_regression else logits.argmax(-1)  # (B,)
-        return preds, self._losses(logits, b["labels"])
+        logits = self._logits(b)  # (K*B, C)
+        preds = logits.squeeze(-1) if self.task.is_regression else logits.argmax(-1)  # (K*B,)
+        return preds.view(self.k, -1), self._losses(logits, b["labels"]).view(self.k, -1)  # (K, B) each
 
     # --- capture and replay -----------------------------------------------------------------------------------
 
@@ -156,10 +172,6 @@ class FastEngine:
         torch.cuda.synchronize()
         self._reset_optimizer()
 
-    def context(self):
-        """Run on this engine's stream (a no-op on the CPU)."""
-        return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
-
     # --- the public loop --------------------------------------------------------------------------------------
 
     def set_lr(self, value: float):
@@ -170,84 +182,86 @@ class FastEngine:
                 g["lr"] = value
 
     def train_step(self, batch: data.Batch) -> torch.Tensor:
-        """One optimizer step on a padded batch (the model is in train mode); returns the device loss, no sync."""
+        """One optimizer step of every run on a packed batch (K * B rows; the model is in train mode); returns the
+        runs' losses on the device, (K,), without a sync."""
         return self._run("train", batch, self._train_step)
 
-    def predict(self, items: list[dict], kind: str = "eval") -> tuple[np.ndarray, float]:
-        """(predictions, mean loss) over `items` in their order, batches of eval_batch_size. Graphs are kept per
-        `kind`: a model changed in a way a graph cannot see (e.g. k set to N) needs a kind of its own."""
+    def predict(self, items: list[dict], kind: str = "eval") -> tuple[np.ndarray, np.ndarray]:
+        """Per run: predictions over `items` in their order, (K, n), and mean loss, (K,); batches of
+        eval_batch_size, each seen by all K runs. Graphs are kept per `kind`: a model changed in a way a graph
+        cannot see (e.g. k set to N) needs a kind of its own."""
         self.model.eval()
         preds, losses = [], []
         size = self.cfg.eval_batch_size
-        with self.context():
-            for idx in data.eval_order(len(items), size):
-                b = data.collate(items, idx, size, self.cfg.buckets, self.pad_id, self.task.is_regression)
-                p, l = self._run(kind, b, self._eval_step)
-                preds.append(p[: b.n_real].clone())
-                losses.append(l[: b.n_real].clone())
-            p = torch.cat(preds).float().cpu().numpy()  # on this stream: waits for its replays
-            loss = float(torch.cat(losses).mean())
+        for idx in data.eval_order(len(items), size):
+            b = data.collate(items, idx, size, self.cfg.buckets, self.pad_id, self.task.is_regression)
+            p, l = self._run(kind, data.concat([b] * self.k, self.pad_id), self._eval_step)  # (K, B) each
+            preds.append(p[:, : b.n_real].clone())
+            losses.append(l[:, : b.n_real].clone())
+        p = torch.cat(preds, dim=1).float().cpu().numpy()  # (K, n)
+        loss = torch.cat(losses, dim=1).mean(1).cpu().numpy()  # (K,)
         self.model.train()
         return (p if self.task.is_regression else p.astype(int)), loss
 
 
-def epoch_batches(cfg: RunConfig, items: list[dict], pad_id: int, regression: bool, pin: bool = False) -> list[list[data.Batch]]:
-    """Every training batch of the run, epoch by epoch (a fractional last epoch is cut short). `pin`: page-locked
-    CPU tensors, so that copying them into a graph's inputs does not block the host."""
+def epoch_batches(cfg: RunConfig, items: list[dict], pad_id: int, regression: bool) -> list[list[data.Batch]]:
+    """Every training batch of one run, epoch by epoch (a fractional last epoch is cut short)."""
     lengths = [len(it["input_ids"]) for it in items]
     per_epoch = math.ceil(len(items) / cfg.batch_size)
     total = math.ceil(cfg.epochs * per_epoch)
     out = []
     for epoch in range(math.ceil(cfg.epochs)):
         order = data.train_order(lengths, cfg.batch_size, cfg.seed, epoch)[: total - epoch * per_epoch]
-        batches = [data.collate(items, idx, cfg.batch_size, cfg.buckets, pad_id, regression) for idx in order]
-        out.append([b.pinned() for b in batches] if pin else batches)
+        out.append([data.collate(items, idx, cfg.batch_size, cfg.buckets, pad_id, regression) for idx in order])
     return out
 
 
-def fit_many(engines: list[FastEngine], train_items: list[dict], eval_items: list[dict], evaluate: Callable) -> list[dict]:
-    """Train several runs of one task side by side (e.g. the seeds of one arm), step by step in turn, each on its
-    own CUDA stream so that their graphs overlap on the GPU; score the evaluation set after each epoch with
-    `evaluate(predictions)`. Each run's result is what it would be alone: nothing is shared but the device.
-    Returns per run: per_epoch metrics, last predictions, train seconds (the group's wall time, evaluations
-    included, as Trainer's), mean training loss per epoch, captured shapes."""
-    pin = engines[0].device.type == "cuda"
-    plans = [epoch_batches(e.cfg, train_items, e.pad_id, e.task.is_regression, pin) for e in engines]
-    for e, batches in zip(engines, plans):
-        e.prepare_training(batches)
+def packed_batches(cfgs: list[RunConfig], items: list[dict], pad_id: int, regression: bool,
+                   pin: bool = False) -> list[list[data.Batch]]:  # fmt: skip
+    """Every training step's packed batch, epoch by epoch: step i stacks batch i of each run (its own seeded order),
+    padded to the longest among them. `pin`: page-locked CPU tensors, so that copying them into a graph's inputs
+    does not block the host."""
+    plans = [epoch_batches(c, items, pad_id, regression) for c in cfgs]
+    out = []
+    for epoch in range(len(plans[0])):
+        steps = [data.concat([p[epoch][i] for p in plans], pad_id) for i in range(len(plans[0][epoch]))]
+        out.append([b.pinned() for b in steps] if pin else steps)
+    return out
+
+
+def fit(engine: FastEngine, cfgs: list[RunConfig], train_items: list[dict], eval_items: list[dict],
+        evaluate: Callable) -> list[dict]:  # fmt: skip
+    """Train the engine's K runs (`cfgs`, differing only in seed) together; score the evaluation set after each
+    epoch with `evaluate(predictions)`. Returns per run: per_epoch metrics, last predictions, train seconds (the
+    pack's wall time, evaluations included, as Trainer's), mean training loss per epoch, captured shapes."""
+    if len(cfgs) != engine.k:
+        raise ValueError(f"the engine trains {engine.k} runs, got {len(cfgs)} configs")
+    pin = engine.device.type == "cuda"
+    plan = packed_batches(cfgs, train_items, engine.pad_id, engine.task.is_regression, pin)
+    engine.prepare_training(plan)
     sync = torch.cuda.synchronize if pin else (lambda: None)
     sync()
     t0 = time.perf_counter()
-    outs = [{"per_epoch": [], "train_loss": [], "predictions": None} for _ in engines]
-    totals = [sum(len(b) for b in batches) for batches in plans]
-    warmups = [math.ceil(e.cfg.warmup_ratio * t) for e, t in zip(engines, totals)]
-    steps = [0] * len(engines)
-    for epoch in range(len(plans[0])):
-        sums = []
-        for e in engines:
-            with e.context():
-                sums.append(torch.zeros((), device=e.device))
-        for i in range(len(plans[0][epoch])):
-            for j, e in enumerate(engines):
-                with e.context():
-                    e.set_lr(lr_at(steps[j], totals[j], warmups[j], e.cfg.lr))
-                    sums[j] += e.train_step(plans[j][epoch][i])
-                steps[j] += 1
-        for j, e in enumerate(engines):
-            preds, eval_loss = e.predict(eval_items)
-            done = min(e.cfg.epochs, epoch + 1)
-            outs[j]["per_epoch"].append({"epoch": round(done, 4), **evaluate(preds), "loss": eval_loss})
-            outs[j]["predictions"] = preds
-            with e.context():
-                outs[j]["train_loss"].append(float(sums[j]) / max(1, len(plans[j][epoch])))
+    outs = [{"per_epoch": [], "train_loss": [], "predictions": None} for _ in cfgs]
+    total = sum(len(b) for b in plan)
+    warmup = math.ceil(engine.cfg.warmup_ratio * total)
+    step = 0
+    for epoch, batches in enumerate(plan):
+        sums = torch.zeros(engine.k, device=engine.device)  # (K,)
+        for b in batches:
+            engine.set_lr(lr_at(step, total, warmup, engine.cfg.lr))
+            sums += engine.train_step(b)
+            step += 1
+        preds, eval_loss = engine.predict(eval_items)  # (K, n), (K,)
+        mean_loss = (sums / max(1, len(batches))).tolist()
+        for j, o in enumerate(outs):
+            done = min(cfgs[j].epochs, epoch + 1)
+            o["per_epoch"].append({"epoch": round(done, 4), **evaluate(preds[j]), "loss": float(eval_loss[j])})
+            o["predictions"] = preds[j]
+            o["train_loss"].append(mean_loss[j])
     sync()
     seconds = time.perf_counter() - t0
-    for o, e, total in zip(outs, engines, totals):
-        o.update(train_seconds=seconds, steps=total, group_size=len(engines),
-                 shapes=sorted(k[1] for k in e.captured if k[0] == "train"))  # fmt: skip
+    shapes = sorted(k[1] for k in engine.captured if k[0] == "train")
+    for o in outs:
+        o.update(train_seconds=seconds, steps=total, group_size=engine.k, shapes=shapes)
     return outs
-
-
-def fit(engine: FastEngine, train_items: list[dict], eval_items: list[dict], evaluate: Callable) -> dict:
-    """One run: `fit_many` with a group of one."""
-    return fit_many([engine], train_items, eval_items, evaluate)[0]

@@ -53,8 +53,8 @@ class SweepSettings:
     output: str = field(metadata={"help": "results folder: plan.json, runs/, results.json, report.md, figures"})
     resume: bool = field(default=False, metadata={"help": "keep finished runs in OUTPUT and redo interrupted ones"})
     jobs: int = field(default=1, metadata={"help": "worker processes (round-robin over the visible GPUs)"})
-    group: int = field(default=1, metadata={"help": "runs of one cell each worker trains side by side (fast engine, "
-                                                    "one CUDA stream each)"})  # fmt: skip
+    group: int = field(default=1, metadata={"help": "seeds of one cell each worker trains together, packed into one "
+                                                    "model (fast engine)"})  # fmt: skip
     only_stage: list[str] = field(default_factory=lambda: list(STAGES),
                                   metadata={"help": f"run only these stages ({', '.join(STAGES)}; 'report': run "
                                                     "nothing, rewrite the report); the report always covers every "

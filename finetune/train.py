@@ -72,32 +72,47 @@ class Setup:
 
 def prepare(cfg: RunConfig, task: tasks.Task) -> Setup:
     """Load the base (fp32, CPU), seed the head and LoRA init, wrap with PEFT, encode the splits."""
+    return prepare_group([cfg], task)[0]
+
+
+def prepare_group(cfgs: list[RunConfig], task: tasks.Task) -> list[Setup]:
+    """`prepare` for runs of one model and recipe (`check_group`): the base is loaded and the splits encoded once;
+    each run gets its own copy of the base, seeded head and LoRA init, as if prepared alone."""
+    import copy
+
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import set_seed
 
-    train_rows, eval_rows = data.split_rows(cfg, task)
-    tokenizer = models.load_tokenizer(cfg.model)
-    model = models.load_classifier(cfg.model, task.num_labels, tokenizer, routing_impl=cfg.routing_impl)
-    if model.config.num_labels != task.num_labels:
-        raise tasks.TaskError(f"{cfg.model} has {model.config.num_labels} labels, {task.name} needs {task.num_labels}")
-    routed = model.config.model_type == "routed_llama"
-    fingerprint = models.base_fingerprint(model)
-    models.init_score(model, cfg.seed)
-    set_seed(cfg.seed)  # LoRA A matrices are drawn here: same seed, same init in both arms
-    lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=list(cfg.lora_targets), modules_to_save=list(cfg.modules_to_save), bias="none")  # fmt: skip
-    model = get_peft_model(model, lora)
-    train_ds = data.encode(task, train_rows, tokenizer, cfg.max_length)
-    eval_ds, eval_order = data.by_length(data.encode(task, eval_rows, tokenizer, cfg.max_length))
-    return Setup(model, tokenizer, train_ds, eval_ds, eval_order, routed, fingerprint)
+    cfg0 = cfgs[0]
+    train_rows, eval_rows = data.split_rows(cfg0, task)
+    tokenizer = models.load_tokenizer(cfg0.model)
+    base = models.load_classifier(cfg0.model, task.num_labels, tokenizer, routing_impl=cfg0.routing_impl)
+    if base.config.num_labels != task.num_labels:
+        raise tasks.TaskError(f"{cfg0.model} has {base.config.num_labels} labels, {task.name} needs {task.num_labels}")
+    routed = base.config.model_type == "routed_llama"
+    fingerprint = models.base_fingerprint(base)
+    train_ds = data.encode(task, train_rows, tokenizer, cfg0.max_length)
+    eval_ds, eval_order = data.by_length(data.encode(task, eval_rows, tokenizer, cfg0.max_length))
+    setups = []
+    for i, cfg in enumerate(cfgs):
+        model = base if i == len(cfgs) - 1 else copy.deepcopy(base)
+        models.init_score(model, cfg.seed)
+        set_seed(cfg.seed)  # LoRA A matrices are drawn here: same seed, same init in both arms
+        lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                          lora_dropout=cfg.lora_dropout, target_modules=list(cfg.lora_targets),
+                          modules_to_save=list(cfg.modules_to_save), bias="none")  # fmt: skip
+        model = get_peft_model(model, lora)
+        setups.append(Setup(model, tokenizer, train_ds, eval_ds, eval_order, routed, fingerprint))
+    return setups
 
 
-GROUP_FIELDS_FREE = ("seed", "lr", "arm", "model", "output_dir", "routing_impl", "eval_routing_off")
+# what runs trained together (one packed model: one base, one recipe, one lr) may differ in
+GROUP_FIELDS_FREE = ("seed", "arm", "output_dir")
 
 
 def check_group(cfgs: list[RunConfig]):
-    """Runs trained side by side must see the same task, data and shapes; only these may differ: seed, lr, arm,
-    model (the arms of one base share its tokenizer), output_dir, routing_impl, eval_routing_off."""
+    """Runs trained together share the model, task, data, recipe and lr; only these may differ: seed, arm (a
+    name), output_dir."""
     first = dataclasses.asdict(cfgs[0])
     for c in cfgs[1:]:
         other = dataclasses.asdict(c)
@@ -107,35 +122,35 @@ def check_group(cfgs: list[RunConfig]):
 
 
 def fit_fast(setups: list[Setup], cfgs: list[RunConfig], task: tasks.Task, precision: str) -> list[dict]:
-    """Train the runs side by side with the fast engine (one CUDA stream each): before, per epoch and routing-off
-    metrics, predictions in evaluation order."""
-    from . import fast
+    """Train the runs together with the fast engine (several: packed into one model, finetune/packed.py): before,
+    per epoch and routing-off metrics, predictions in evaluation order. Each run's PEFT model ends trained."""
+    from . import fast, packed
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     items, eval_items = setups[0].train_ds.items, setups[0].eval_ds.items
-    if any(s.train_ds.items != items or s.eval_ds.items != eval_items for s in setups[1:]):
-        raise ValueError("runs trained together must tokenize to the same examples (one tokenizer)")
     labels = np.array([it["labels"] for it in eval_items])  # evaluation (length) order
 
     def score(preds: np.ndarray) -> dict:
         return tasks.compute_metrics(task, preds, labels)
 
-    engines, befores = [], []
-    for s, cfg in zip(setups, cfgs):
-        s.model.to(device)
-        engine = fast.FastEngine(s.model, cfg, task, s.tokenizer.pad_token_id, precision, device)
-        preds, loss = engine.predict(eval_items)
-        engines.append(engine)
-        befores.append({**score(preds), "loss": loss})
+    pack = packed.Pack([s.model for s in setups]) if len(setups) > 1 else None
+    model = setups[0].model if pack is None else pack.model
+    model.to(device)
+    engine = fast.FastEngine(model, cfgs[0], task, setups[0].tokenizer.pad_token_id, precision, device, len(setups))
+    preds, losses = engine.predict(eval_items)  # (K, n), (K,)
+    befores = [{**score(p), "loss": float(l)} for p, l in zip(preds, losses)]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    outcomes = fast.fit_many(engines, items, eval_items, score)
-    for s, cfg, engine, o, before in zip(setups, cfgs, engines, outcomes, befores):
-        o["before"], o["routing_off"] = before, None
-        if s.routed and cfg.eval_routing_off:
-            with s.routing_off():
-                preds, loss = engine.predict(eval_items, kind="eval-routing-off")
-            o["routing_off"] = {**score(preds), "loss": loss}
+    outcomes = fast.fit(engine, cfgs, items, eval_items, score)
+    offs = [None] * len(setups)
+    if setups[0].routed and cfgs[0].eval_routing_off:
+        with setups[0].routing_off():  # the packed model is run 0's base, with packed modules swapped in
+            preds, losses = engine.predict(eval_items, kind="eval-routing-off")
+        offs = [{**score(p), "loss": float(l)} for p, l in zip(preds, losses)]
+    if pack is not None:
+        pack.unpack()
+    for o, before, off in zip(outcomes, befores, offs):
+        o["before"], o["routing_off"] = before, off
     return outcomes
 
 
@@ -145,8 +160,8 @@ def run_one(cfg: RunConfig | dict) -> dict:
 
 
 def run_group(cfgs: list[RunConfig | dict]) -> list[dict]:
-    """Fine-tune several runs of one task (e.g. the seeds of an arm) side by side on one device with the fast
-    engine, or one run with the Trainer engine. Each result is the run's own (see `fast.fit_many`)."""
+    """Fine-tune several runs of one arm and task (its seeds) together on one device with the fast engine (packed
+    into one model: finetune/packed.py), or one run with the Trainer engine. Each result is the run's own."""
     from .hf_trainer import fit_trainer
 
     cfgs = [RunConfig(**c) if isinstance(c, dict) else c for c in cfgs]
@@ -158,7 +173,7 @@ def run_group(cfgs: list[RunConfig | dict]) -> list[dict]:
     if engine == "trainer" and len(cfgs) > 1:
         raise ValueError("the Trainer engine trains one run at a time")
     t_start = time.perf_counter()
-    setups = [prepare(c, task) for c in cfgs]
+    setups = prepare_group(cfgs, task)
     precision = resolve_precision(cfgs[0].precision)
     if engine == "fast":
         outcomes = fit_fast(setups, cfgs, task, precision)

@@ -32,12 +32,17 @@ def _items(n: int, seed: int, max_len: int = 40, regression: bool = False) -> li
     return out
 
 
-def _peft_classifier(num_labels: int = 2, seed: int = 0):
+def _peft_classifier(num_labels: int = 2, seed: int = 0, lora_seed: int | None = None):
+    """A random tiny Llama classifier (weights drawn from `seed`) with LoRA; `lora_seed`: the head and LoRA are
+    drawn from it instead (runs of one base)."""
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import LlamaForSequenceClassification
 
     torch.manual_seed(seed)
     model = LlamaForSequenceClassification(tiny_llama_config(num_labels=num_labels))
+    if lora_seed is not None:
+        torch.manual_seed(lora_seed)
+        torch.nn.init.normal_(model.score.weight, std=0.02)
     lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                       modules_to_save=["score"])  # fmt: skip
     model = get_peft_model(model, lora)
@@ -197,7 +202,7 @@ def test_run_one_fast_predictions_line_up_with_labels(tiny_tok_dir, tmp_path):
     assert again["predictions"] == r["predictions"] and again["train_loss"] == r["train_loss"]
 
 
-def test_runs_trained_side_by_side_equal_runs_alone(tiny_tok_dir, tmp_path):
+def test_runs_trained_together_equal_runs_alone(tiny_tok_dir, tmp_path):
     from dataclasses import replace
 
     from finetune import train
@@ -205,14 +210,81 @@ def test_runs_trained_side_by_side_equal_runs_alone(tiny_tok_dir, tmp_path):
     glue = _tiny_glue(tmp_path / "glue", n_train=24, n_dev=16)
     cfg = RunConfig(task="rte", model=str(tiny_tok_dir), data_dir=str(glue), epochs=1, lr=1e-3, batch_size=8,
                     eval_batch_size=8, max_length=64, buckets=[32, 64], engine="fast")  # fmt: skip
-    cfgs = [replace(cfg, seed=s) for s in (0, 1)]
+    cfgs = [replace(cfg, seed=s, output_dir=str(tmp_path / f"s{s}")) for s in (0, 1)]
     together = train.run_group(cfgs)
-    alone = [train.run_one(c) for c in cfgs]
+    alone = [train.run_one(replace(c, output_dir=str(tmp_path / f"alone{c.seed}"))) for c in cfgs]
     for t, a in zip(together, alone):
-        assert t["predictions"] == a["predictions"] and t["train_loss"] == a["train_loss"]
+        assert t["predictions"] == a["predictions"] and t["before"]["accuracy"] == a["before"]["accuracy"]
+        np.testing.assert_allclose(t["train_loss"], a["train_loss"], rtol=1e-5)
         assert t["group_size"] == 2 and a["group_size"] == 1
+    from safetensors.torch import load_file
+
+    for s in (0, 1):  # each run's own adapter is saved, trained: the same weights as the run made alone
+        got = load_file(tmp_path / f"s{s}" / "adapter" / "adapter_model.safetensors")
+        want = load_file(tmp_path / f"alone{s}" / "adapter" / "adapter_model.safetensors")
+        assert got.keys() == want.keys()
+        for k in got:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="must agree on"):
         train.run_group([cfg, replace(cfg, epochs=2)])
+    with pytest.raises(ValueError, match="must agree on"):
+        train.run_group([cfg, replace(cfg, seed=1, lr=2e-3)])
+
+
+@pytest.mark.parametrize("regression", [False, True])
+def test_packed_steps_equal_separate_steps(regression):
+    """Two runs packed into one model (per-run clipping active, batches of different bucket lengths) follow the
+    loss trajectories of the same two runs trained separately, within 1e-5 in fp32; so do their weights."""
+    from finetune import packed
+
+    task = tasks.get_task("stsb" if regression else "rte")
+    cfg = RunConfig(task=task.name, batch_size=4, max_length=64, buckets=list(range(8, 65, 8)), lr=3e-3, warmup_ratio=0.3,
+                    max_grad_norm=0.05, epochs=2)  # fmt: skip
+    items = _items(18, seed=5, max_len=60, regression=regression)
+    cfgs = [RunConfig(**{**cfg.__dict__, "seed": s}) for s in (0, 1)]
+    labels = 1 if regression else 2
+    alone_models = [_peft_classifier(labels, lora_seed=10 + s) for s in (0, 1)]
+    pack_models = [_peft_classifier(labels, lora_seed=10 + s) for s in (0, 1)]
+    plans = [fast.epoch_batches(c, items, PAD, regression) for c in cfgs]
+    plans[1] = [e[::-1] for e in plans[1]]  # (with so few examples both seeds sort to the same lengths)
+    assert any(a.length != b.length for a, b in zip(sum(plans[0], []), sum(plans[1], [])))  # padding is exercised
+    pack = packed.Pack(pack_models)
+    engine = fast.FastEngine(pack.model, cfg, task, PAD, "fp32", torch.device("cpu"), k=2)
+    engines = [fast.FastEngine(m, c, task, PAD, "fp32", torch.device("cpu")) for m, c in zip(alone_models, cfgs)]
+    steps = [[data.concat([a, b], PAD) for a, b in zip(*epochs)] for epochs in zip(*plans)]
+    total = sum(len(e) for e in steps)
+    got, want = [], []
+    for i, b in enumerate(b for epoch in steps for b in epoch):
+        lr = fast.lr_at(i, total, 2, cfg.lr)
+        engine.set_lr(lr)
+        got.append(engine.train_step(b).tolist())
+        row = []
+        for e, plan in zip(engines, plans):
+            e.set_lr(lr)
+            row.append(float(e.train_step([b for epoch in plan for b in epoch][i])[0]))
+        want.append(row)
+    assert len(set(np.round(np.array(want)[:, 0], 4))) > 1
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    preds, losses = engine.predict(items[:7])
+    for j, e in enumerate(engines):
+        p, l = e.predict(items[:7])
+        np.testing.assert_allclose(preds[j], p[0], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(losses[j], l[0], rtol=1e-4)
+    pack.unpack()
+    for a, b in zip(alone_models, pack_models):
+        for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters()):
+            assert na == nb
+            torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-6)
+
+
+def test_packing_refuses_what_it_cannot_train():
+    from finetune import packed
+
+    models = [_peft_classifier(seed=s) for s in (0, 1)]
+    for m in models:
+        m.get_base_model().model.norm.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match="packing cannot train"):
+        packed.Pack(models)
 
 
 def test_runner_packs_only_compatible_runs_in_order():
@@ -222,7 +294,8 @@ def test_runner_packs_only_compatible_runs_in_order():
 
     base = RunConfig(task="rte", engine="fast")
     cfgs = [replace(base, seed=0), replace(base, seed=1, task="mrpc"), replace(base, seed=2), replace(base, seed=3),
-            replace(base, seed=4, arm="routed", model="ckpt"), replace(base, seed=5, engine="trainer")]  # fmt: skip
-    assert runner.pack(cfgs, list(range(6)), group=3) == [[0, 2, 3], [1], [4], [5]]
-    assert runner.pack(cfgs, list(range(6)), group=2) == [[0, 2], [1], [3, 4], [5]]
+            replace(base, seed=4, arm="routed", model="ckpt"), replace(base, seed=5, engine="trainer"),
+            replace(base, seed=6, lr=1e-3), replace(base, seed=7, arm="renamed")]  # fmt: skip
+    assert runner.pack(cfgs, list(range(8)), group=3) == [[0, 2, 3], [1], [4], [5], [6], [7]]
+    assert runner.pack(cfgs, list(range(8)), group=2) == [[0, 2], [1], [3, 7], [4], [5], [6]]
     assert runner.pack(cfgs, [0, 2], group=1) == [[0], [2]]
