@@ -27,7 +27,7 @@ from routed_llama.errors import UserError
 from routed_llama.io import command_line, write_json
 
 from .config import RunConfig
-from .runner import RESULT_KEYS, check_jobs, config_record, read_json_strict, run_many
+from .runner import RESULT_KEYS, check_jobs, config_record, read_json_strict, run_many, visible_devices
 
 FORMAT_VERSION = 2
 PLAN_FILE = "compare.json"  # the comparison's settings, written first: what --resume checks against
@@ -316,7 +316,8 @@ def compare(settings: CompareSettings, recipe: RunConfig | None = None, log=prin
     summary = summarise(results, arms, Path(settings.output).name if settings.name is None else settings.name,
                         selection)  # fmt: skip
     command = settings.command if settings.command is not None else command_line()
-    summary["provenance"] = provenance(results, summary, command, settings.jobs, time.perf_counter() - t0)
+    summary["provenance"] = provenance(results, summary, command, settings.jobs, time.perf_counter() - t0,
+                                       devices=visible_devices())  # fmt: skip
     write_outputs(Path(settings.output), summary)
     return summary
 
@@ -410,8 +411,9 @@ def summarise(results: list[dict], arm_configs: dict[str, dict], name: str, sele
 
 
 def provenance(results: list[dict], summary: dict, command: str, jobs: int | None, seconds: float | None,
-               date: str | None = None) -> dict:  # fmt: skip
-    """How the runs were made: what a resumed comparison need not share with an uninterrupted one."""
+               date: str | None = None, devices: list[str] | None = None) -> dict:  # fmt: skip
+    """How the runs were made: what a resumed comparison need not share with an uninterrupted one. `devices`: the
+    GPUs (CUDA_VISIBLE_DEVICES entries) the runs were spread over, one per run (None: not known, e.g. collected)."""
     timing = {}
     for arm, a in summary["arms"].items():
         rs = {r["seed"]: r for r in results if r["arm"] == arm}
@@ -419,7 +421,8 @@ def provenance(results: list[dict], summary: dict, command: str, jobs: int | Non
     base_s = np.mean(timing[BASELINE]["train_seconds"])
     dates = sorted(r["date"] for r in results if r.get("date"))
     return {
-        "hardware": results[0].get("hardware"),  # where the runs ran, not where they were collected
+        "hardware": results[0].get("hardware"),  # where the runs ran (each run sees its one GPU), not where collected
+        "devices": devices,
         "date": date or (f"{dates[0]} .. {dates[-1]}" if dates and dates[0] != dates[-1] else (dates or [None])[0]),
         "command": command,
         "jobs": jobs,
@@ -615,7 +618,9 @@ def _header_lines(s: dict) -> list[str]:
 def _provenance_lines(s: dict) -> list[str]:
     p = s["provenance"]
     lines = [PROVENANCE_HEADING, "", "Wall-clock and provenance (differs between a resumed and an uninterrupted run):",
-             "", f"- hardware: {p['hardware']}; date: {p['date']}; "
+             "", f"- hardware: {p['hardware']}"
+             + (f" per run, runs spread over GPUs {','.join(p['devices'])}" if p.get("devices") else "")
+             + f"; date: {p['date']}; "
              f"{p['jobs'] if p['jobs'] is not None else '?'} run(s) at a time"
              + (f"; wall {p['wall_seconds']:.0f} s" if p.get("wall_seconds") else ""),
              f"- command: `{p['command']}`", "",

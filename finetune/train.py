@@ -206,6 +206,7 @@ def assemble(cfg: RunConfig, task: tasks.Task, s: Setup, o: dict, engine: str, p
         "train_seconds": round(o["train_seconds"], 3), "run_seconds": round(run_seconds, 3),
         "train_tokens": int(train_tokens), "train_tokens_per_s": round(train_tokens / o["train_seconds"], 1),
         "peak_gpu_mem_bytes": peak, "precision": precision, "engine": engine,
+        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
         "train_loss": o.get("train_loss"), "shapes": o.get("shapes"), "group_size": o.get("group_size", 1),
         "hardware": hardware_name(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "base_fingerprint": s.fingerprint, "config": dataclasses.asdict(cfg),

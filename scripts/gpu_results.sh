@@ -11,8 +11,9 @@
 #   OUT_ROOT  where the result folders go, named as under results/ (default: outputs/gpu-results)
 #
 # Environment:
-#   STEPS   the steps to run, any subset of "decode decode-standin convert train-speed rte routing sweep" (default: all)
-#   JOBS    fine-tuning runs that share the GPU at a time (default 8)
+#   STEPS   the steps to run, any subset of "decode decode-standin convert train-speed rte routing multi-gpu sweep"
+#           (default: all; multi-gpu needs two or more GPUs and is skipped on one)
+#   JOBS    worker processes of the comparisons and the sweep (default: one per GPU; each trains a pack of seeds)
 #   WORK    the exported base, converted checkpoints, adapters' bases and logs (default: outputs/gpu-work)
 #   PYTHON  the interpreter (default: python); it needs a CUDA torch and this project (`pip install -e .`)
 #
@@ -25,8 +26,9 @@ cd "$(dirname "$0")/.."
 MODEL=$1
 GLUE=$2
 OUT=${3:-outputs/gpu-results}
-STEPS=${STEPS:-decode decode-standin convert train-speed rte routing sweep}
-JOBS=${JOBS:-8}
+STEPS=${STEPS:-decode decode-standin convert train-speed rte routing multi-gpu sweep}
+NGPU=$(${PYTHON:-python} -c 'import torch; print(torch.cuda.device_count())')
+JOBS=${JOBS:-$NGPU}
 WORK=${WORK:-outputs/gpu-work}
 PY=${PYTHON:-python}
 [ -d "$GLUE/RTE" ] || { echo "gpu_results.sh: error: $GLUE has no RTE/ (a GLUE folder in the TSV layout)" >&2; exit 2; }
@@ -87,7 +89,8 @@ if wants train-speed && [ ! -f "$OUT/train-speed/train_speed.json" ]; then
   step "train-speed -> $OUT/train-speed"
   routed_arms
   run train-speed "$PY" benchmarks/train_speed.py --arm "plain=$BASE" --arm "last8=$CK/routed-last8" \
-    --arm "all30=$CK/routed-all" --data-dir "$GLUE" --task rte --epochs 5 --jobs 1 4 8 --output "$OUT/train-speed"
+    --arm "all30=$CK/routed-all" --data-dir "$GLUE" --task rte --epochs 5 --jobs 1 4 8 16 --trainer-epochs 0 \
+    --output "$OUT/train-speed"
 fi
 
 # results/train-profile, results/train-probe: where a training step's time goes (eager vs one CUDA graph per step)
@@ -106,9 +109,10 @@ if wants rte; then
     lr=${run_%%:*} engine=${run_#*:}
     name=rte-standin-lr$lr$([ "$engine" = fast ] && echo -fast)
     step "rte lr $lr, $engine engine -> $OUT/$name"
+    group=1; [ "$engine" = fast ] && group=5  # the fast engine trains the 5 seeds of an arm packed into one model
     run "$name" "$PY" -m finetune compare --model "$BASE" --task rte --data-dir "$GLUE" --lr "$lr" \
-      --engine "$engine" --seeds 0 1 2 3 4 "${ARMS[@]}" --checkpoint-dir "$CK" --jobs "$JOBS" --output "$OUT/$name" \
-      --resume
+      --engine "$engine" --seeds 0 1 2 3 4 "${ARMS[@]}" --checkpoint-dir "$CK" --jobs "$JOBS" --group $group \
+      --output "$OUT/$name" --resume
   done
 fi
 
@@ -131,10 +135,35 @@ if wants routing; then
   done
 fi
 
+# results/multi-gpu: one data-parallel run (Trainer engine) on 1 GPU and under torchrun on all GPUs, MRPC and
+# SST-2 (1 epoch, full train set; per-device batch 16 and 128), then one comparison on 1 GPU and spread over all GPUs
+if wants multi-gpu && [ "$NGPU" -ge 2 ] && [ ! -f "$OUT/multi-gpu/summary.json" ]; then
+  step "multi-gpu ($NGPU GPUs) -> $OUT/multi-gpu"
+  routed_arms
+  MG=$OUT/multi-gpu; mkdir -p "$MG/data-parallel"
+  for task_bs in mrpc:16 sst2:128; do
+    task=${task_bs%%:*} bs=${task_bs#*:}
+    DP=(-m finetune run --model "$BASE" --task "$task" --data-dir "$GLUE" --lr 5e-4 --epochs 1 --batch-size "$bs"
+        --engine trainer --seed 0)
+    CUDA_VISIBLE_DEVICES=0 run "dp-$task-1" "$PY" "${DP[@]}" --output-dir "$WORK/dp-$task-1gpu"
+    run "dp-$task-$NGPU" "$PY" -m torch.distributed.run --standalone --nproc-per-node "$NGPU" "${DP[@]}" \
+      --output-dir "$WORK/dp-$task-${NGPU}gpu"
+    for g in 1 "$NGPU"; do cp "$WORK/dp-$task-${g}gpu/result.json" "$MG/data-parallel/$task-${g}gpu.json"; done
+  done
+  ALL=$(seq -s, 0 $((NGPU - 1)))
+  for g in 1 "$NGPU"; do
+    devices=0; [ "$g" = 1 ] || devices=$ALL
+    CUDA_VISIBLE_DEVICES=$devices run "compare-${g}gpu" "$PY" -m finetune compare --model "$BASE" --task rte \
+      --data-dir "$GLUE" --lr 5e-4 --seeds 0 1 2 3 4 5 6 7 --arm "name=routed-last8,checkpoint=$CK/routed-last8" \
+      --engine fast --jobs $((2 * g)) --group 4 --output "$MG/compare-${g}gpu" --overwrite
+  done
+  run multi-gpu-summary "$PY" benchmarks/multi_gpu.py "$MG"
+fi
+
 # results/sweep: the pre-registered sweep of routed configs x GLUE tasks x seeds (results/sweep/plan.json)
 if wants sweep; then
   step "sweep -> $OUT/sweep"
   run sweep "$PY" -m finetune sweep --plan results/sweep/plan.json --model "$BASE" --data-dir "$GLUE" \
-    --checkpoint-dir "$WORK/sweep-checkpoints" --jobs "$JOBS" --output "$OUT/sweep" --resume
+    --checkpoint-dir "$WORK/sweep-checkpoints" --jobs "$JOBS" --group 10 --output "$OUT/sweep" --resume
 fi
 step "done: $OUT"
