@@ -1,7 +1,9 @@
 """Where a training step's time goes: torch.profiler over training steps and one evaluation, eager vs one CUDA
-graph per step (the fast engine), on one arm. Needs a CUDA device.
+graph per step (the fast engine), on one arm; `--group K` profiles K seeds packed into one model. Needs a CUDA
+device.
 
-    python benchmarks/train_profile.py --model BASE --data-dir GLUE --task rte --steps 30 --output results/train-profile
+    python benchmarks/train_profile.py --model BASE --data-dir GLUE --task rte --steps 30 [--group 8] \
+        --output results/train-profile
 
 Writes profile.json (per mode: wall ms per step, device (kernel) ms per step, host ms per step, kernel launches per
 step, the top operators by self CPU and self CUDA time) and profile.md.
@@ -22,7 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 from routed_llama.hardware import hardware_name
 from routed_llama.io import command_line, write_json
 
-from finetune import fast, tasks, train
+from finetune import fast, packed, tasks, train
 from finetune.config import RunConfig
 
 
@@ -59,38 +61,14 @@ def profile_mode(engine: fast.FastEngine, batches, eval_items, steps: int) -> di
     }  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True)
-    p.add_argument("--data-dir", required=True)
-    p.add_argument("--task", default="rte")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--output", default="results/train-profile")
-    args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("train_profile: error: needs a CUDA device", file=sys.stderr)
-        return 2
-    cfg = RunConfig(task=args.task, model=args.model, data_dir=args.data_dir, lr=5e-4, engine="fast").validate()
-    task = tasks.get_task(cfg.task)
-    rows = {}
-    for mode in ("eager", "graphs"):
-        s = train.prepare(cfg, task)
-        s.model.cuda()
-        engine = fast.FastEngine(s.model, cfg, task, s.tokenizer.pad_token_id, "bf16", torch.device("cuda"))
-        engine.graphs = mode == "graphs"
-        batches = fast.packed_batches([cfg], s.train_ds.items, engine.pad_id, task.is_regression, pin=True)[0]
-        engine.prepare_training([batches])
-        rows[mode] = profile_mode(engine, batches, s.eval_ds.items, args.steps)
-        print(mode, json.dumps({k: v for k, v in rows[mode].items() if not k.startswith("top")}), flush=True)
-        del engine, s
-        torch.cuda.empty_cache()
-    out = Path(args.output)
+def write(out: Path, record: dict):
+    """profile.json and profile.md with the modes measured so far (written after each mode: a run cut short keeps
+    what it measured)."""
     out.mkdir(parents=True, exist_ok=True)
-    record = {"hardware": hardware_name(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-              "command": command_line(argv, "python benchmarks/train_profile.py"),
-              "modes": rows}  # fmt: skip
     write_json(out / "profile.json", record, indent=1)
+    rows = record["modes"]
     lines = [f"# Training-step profile ({record['hardware']}, {record['date']})", "", f"`{record['command']}`", "",
+             f"{record['group']} run(s) per step (packed when more than one); ms are per packed step.", "",
              "| mode | wall ms/step | device ms/step | kernels/step | host launch calls/step | one evaluation (s) |",
              "|---|---|---|---|---|---|"]  # fmt: skip
     for mode, r in rows.items():
@@ -101,6 +79,44 @@ def main(argv: list[str] | None = None) -> int:
                   "|---|---|---|---|"]  # fmt: skip
         lines += [f"| `{t['name']}` | {t['calls']} | {t['self_device_ms']} | {t['self_cpu_ms']} |" for t in r["top_self_device"]]
     (out / "profile.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True)
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--task", default="rte")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--group", type=int, default=1, help="runs (seeds) per step, packed into one model")
+    p.add_argument("--modes", nargs="+", default=["graphs", "eager"], choices=["graphs", "eager"])
+    p.add_argument("--output", default="results/train-profile")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("train_profile: error: needs a CUDA device", file=sys.stderr)
+        return 2
+    if args.group < 1 or args.steps < 1:
+        print("train_profile: error: --group and --steps must be >= 1", file=sys.stderr)
+        return 2
+    cfgs = [RunConfig(task=args.task, model=args.model, data_dir=args.data_dir, lr=5e-4, engine="fast",
+                      seed=s).validate() for s in range(args.group)]  # fmt: skip
+    task = tasks.get_task(args.task)
+    record = {"hardware": hardware_name(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              "command": command_line(argv, "python benchmarks/train_profile.py"), "group": args.group,
+              "modes": {}}  # fmt: skip
+    for mode in args.modes:
+        setups = train.prepare_group(cfgs, task)
+        pack = packed.Pack([s.model for s in setups]) if args.group > 1 else None
+        model = (setups[0].model if pack is None else pack.model).cuda()
+        engine = fast.FastEngine(model, cfgs[0], task, setups[0].tokenizer.pad_token_id, "bf16", torch.device("cuda"),
+                                 args.group)  # fmt: skip
+        engine.graphs = mode == "graphs"
+        batches = fast.packed_batches(cfgs, setups[0].train_ds.items, engine.pad_id, task.is_regression, pin=True)[0]
+        engine.prepare_training([batches])
+        record["modes"][mode] = profile_mode(engine, batches, setups[0].eval_ds.items, args.steps)
+        print(mode, json.dumps({k: v for k, v in record["modes"][mode].items() if not k.startswith("top")}), flush=True)
+        write(Path(args.output), record)
+        del engine, setups, pack, model
+        torch.cuda.empty_cache()
     return 0
 
 

@@ -96,8 +96,10 @@ fi
 # results/train-profile, results/train-probe: where a training step's time goes (eager vs one CUDA graph per step)
 if wants train-speed && [ ! -f "$OUT/train-profile/profile.json" ]; then
   step "train-profile -> $OUT/train-profile, $OUT/train-probe"
-  run train-profile "$PY" benchmarks/train_profile.py --model "$BASE" --data-dir "$GLUE" --task rte --steps 30 \
+  run train-profile "$PY" benchmarks/train_profile.py --model "$BASE" --data-dir "$GLUE" --task rte --steps 20 \
     --output "$OUT/train-profile"
+  run train-profile-packed "$PY" benchmarks/train_profile.py --model "$BASE" --data-dir "$GLUE" --task rte \
+    --steps 20 --group 8 --modes graphs --output "$OUT/train-profile-packed"
   run train-probe "$PY" benchmarks/train_probe.py --out "$OUT/train-probe"
 fi
 
