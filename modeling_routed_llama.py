@@ -295,20 +295,21 @@ class RoutedLlamaMLP(nn.Module):
 #      all zero (no token kept it) is skipped without reading its weights. Partial sums are fp32: either one buffer
 #      per split summed in a fixed order by a last small kernel (deterministic), or atomically added ("atomic").
 # Three ways to multiply: MODE 0 (one token: products accumulated elementwise, one reduction at the end, as in
-# TEAL/CATS GEMVs), MODE 1 (a few tokens: the weight tile is loaded once and reduced per token on CUDA cores) and
-# MODE 2 (tl.dot on tensor cores with the tokens padded to 16 rows).
+# TEAL/CATS GEMVs), MODE 1 (a few tokens: the weight tile is loaded once and reduced per token on CUDA cores; run
+# only on request, it measured slower than MODE 2, see `triton_mode`) and MODE 2 (tl.dot on tensor cores with the
+# tokens padded to 16 rows).
 # ---------------------------------------------------------------------------------------------------------------
 
 # Per mode: tile sizes and warps of the gate/up ("_gu") and down ("_d") kernels. Chosen by reasoning, not measured:
-# `benchmarks/decode.py --tune` times alternatives on the GPU (results/decode/decode.json, "tuning").
+# `benchmarks/decode.py --tune` times alternatives on the GPU (into decode.json's "tuning"; not run so far).
 TRITON_TILES = {
     "gemv1": {"BLOCK_R": 8, "BLOCK_K": 512, "warps_gu": 4, "BLOCK_H": 16, "BLOCK_C": 256, "warps_d": 4},
     "gemv": {"BLOCK_R": 8, "BLOCK_K": 256, "warps_gu": 4, "BLOCK_H": 16, "BLOCK_C": 128, "warps_d": 4},
     "dot": {"BLOCK_R": 32, "BLOCK_K": 128, "warps_gu": 4, "BLOCK_H": 32, "BLOCK_C": 128, "warps_d": 4},
 }
-# How the mode is chosen (1 token: "gemv1"; up to gemv_max_tokens: "gemv"; more: "dot"), how down's fp32 partial
-# sums are reduced ("split": deterministic; "atomic": atomic adds) and how many programs per SM down aims for.
-TRITON_OPTIONS = {"gemv_max_tokens": 4, "reduce": "split", "ctas_per_sm": 8}
+# How down's fp32 partial sums are reduced ("split": deterministic; "atomic": atomic adds) and how many programs per
+# SM down aims for.
+TRITON_OPTIONS = {"reduce": "split", "ctas_per_sm": 8}
 _MODES = {"gemv1": 0, "gemv": 1, "dot": 2}
 
 if triton is not None:
@@ -508,12 +509,17 @@ def _dot_fp32(dtype: torch.dtype) -> bool:
 
 
 def triton_mode(tokens: int, tiles: dict | None = None) -> str:
-    """The multiply mode for this many tokens ("gemv1", "gemv" or "dot"); `tiles["mode"]` overrides it."""
+    """The multiply mode for this many tokens: "gemv1" for one token, "dot" for more; `tiles["mode"]` overrides it
+    (also to "gemv", which is never the default).
+
+    Chosen by measured speed (results/decode/decode.json, H200, bf16, Llama-7B FFN alone, split reduction): for 1
+    token "gemv1" took 51.7 us at k/N 1/2 against dense 80.0 us and mask 106.5 us; for 4 tokens "dot" took 97.2 us
+    against "gemv" 359.0 us (dense 80.4 us, mask 113.5 us). 2, 3 and 5-16 tokens were not measured: they take "dot",
+    the faster mode at 4.
+    """
     if tiles and "mode" in tiles:
         return tiles["mode"]
-    if tokens == 1:
-        return "gemv1"
-    return "gemv" if tokens <= TRITON_OPTIONS["gemv_max_tokens"] else "dot"
+    return "gemv1" if tokens == 1 else "dot"
 
 
 def triton_routed_ffn(x, *, w_gate, w_up, w_down, row_cluster, top_k, centroids=None, offsets=None, tiles=None):
@@ -606,8 +612,11 @@ class GreedyDecodeStep:
             self._capture()
         self.reset()
 
+    @torch.no_grad()
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Logits of the last position, (B, V), of input_ids (B, T) appended to the cache."""
+        """Logits of the last position, (B, V), of input_ids (B, T) appended to the cache. Always without gradients,
+        whatever the caller's grad mode: the Triton kernels run only without them (`_triton_ok`), and a step captured
+        with gradients on would replay the mask path for good."""
         kwargs = {_CACHE_KWARG: self.cache}
         return self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **kwargs).logits[:, -1]
 

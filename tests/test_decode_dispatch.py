@@ -1,0 +1,182 @@
+"""Which routed-FFN implementation and Triton multiply mode decoding runs, on the CPU (no kernel executes here).
+
+The H200 run of 2026-11-29 18:24 showed two dispatch faults that the kernel tests could not see:
+- the benchmark's decode loop captured its CUDA graphs with gradients enabled, so `_triton_ok` refused the kernels
+  (parameters require grad) and the graph replayed the mask path: the routed arm ran at the same speed for k/N 1/2
+  and 1/4, and the row was labelled "triton" by a separate check made without gradients;
+- 2-4 tokens ran the "gemv" multiply mode, measured 0.22x dense for the Llama-7B FFN against 0.83x for "dot", which
+  made `fast_generate` at batch 4 0.46x dense.
+Here the GPU is emulated where it decides anything: `auto_uses_triton` answers as on an H200, `TRITON_INTERPRET` lets
+`_triton_ok` accept CPU tensors, and either the Triton launches or `triton_routed_ffn` itself are replaced by
+recorders; CUDA streams and graphs are stand-ins that run the captured Python once and replay nothing.
+"""
+
+import contextlib
+import importlib.util
+import json
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, routing_spec, tiny_llama_config
+from transformers import LlamaForCausalLM
+
+import modeling_routed_llama as mrl
+
+needs_triton = pytest.mark.skipif(mrl.triton is None, reason="triton is not installed")
+
+
+def as_on_h200(monkeypatch):
+    """`routing_impl="auto"` decides for CPU tensors as it does on an H200 (capability 9.0): kernels for at most
+    AUTO_TRITON_MAX_TOKENS tokens."""
+    monkeypatch.setattr(mrl, "TRITON_INTERPRET", True)
+    monkeypatch.setattr(mrl, "auto_uses_triton", lambda x: x.shape[0] <= mrl.AUTO_TRITON_MAX_TOKENS)
+
+
+class FakeGraph:
+    def replay(self):
+        pass
+
+
+@pytest.fixture
+def fake_cuda_graphs(monkeypatch):
+    """torch.cuda's stream and graph calls as no-ops, so `GreedyDecodeStep._capture` runs its Python on the CPU."""
+    stream = type("S", (), {"wait_stream": lambda self, other: None})()
+    monkeypatch.setattr(torch.cuda, "Stream", lambda *a, **k: stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a, **k: stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", lambda g, **k: contextlib.nullcontext())
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Replaces `triton_routed_ffn` by a recorder of token counts that returns zeros."""
+    calls = []
+
+    def record(x, **kw):
+        calls.append(x.shape[0])
+        return torch.zeros_like(x)
+
+    monkeypatch.setattr(mrl, "triton_routed_ffn", record)
+    return calls
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Replaces every Triton kernel by a recorder of (kernel name, MODE) per launch; nothing is computed."""
+    log = []
+
+    class Launcher:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *a, **kw: log.append((self.name, kw.get("MODE")))
+
+    for name in ("_centroid_scores_kernel", "_gate_up_kernel", "_cluster_rms_kernel", "_mask_rows_kernel",
+                 "_down_kernel", "_sum_splits_kernel"):  # fmt: skip
+        monkeypatch.setattr(mrl, name, Launcher(name))
+    return log
+
+
+def tiny_routed_lm(impl="auto"):
+    """3 routed layers, N = 5, k = 2, parameters requiring grad (as a loaded model's do)."""
+    from routed_llama.surgery import route_dense_model
+
+    dense = LlamaForCausalLM(tiny_llama_config(initializer_range=0.1)).eval()
+    model = route_dense_model(dense, routing_spec(dense, 5, 2), progress=False)[0].eval()
+    model.config.routing_impl = impl
+    assert all(p.requires_grad for p in model.parameters())
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The multiply mode per token count
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_triton_mode_by_token_count():
+    """One token: "gemv1"; 2-16 tokens: "dot" (the modes measured fastest); an explicit mode still overrides."""
+    assert mrl.triton_mode(1) == "gemv1"
+    assert {mrl.triton_mode(m) for m in range(2, mrl.TRITON_MAX_TOKENS + 1)} == {"dot"}
+    assert mrl.triton_mode(4, {"mode": "gemv"}) == "gemv"
+
+
+@needs_triton
+@pytest.mark.parametrize("impl", ["auto", "sparse"])
+@pytest.mark.parametrize("tokens, mode", [(1, "gemv1"), (2, "dot"), (4, "dot"), (8, "dot")])
+def test_routed_ffn_launches_the_measured_mode(impl, tokens, mode, launches, monkeypatch):
+    """A routed FFN called on `tokens` tokens launches gate/up and down in `mode` (not "gemv" for 2-4 tokens)."""
+    as_on_h200(monkeypatch)
+    cfg = mrl.RoutedLlamaConfig(hidden_size=64, intermediate_size=150, num_hidden_layers=1, num_attention_heads=4,
+                                num_key_value_heads=2, vocab_size=32, num_experts=5, num_experts_per_tok=2,
+                                routing_impl=impl)  # fmt: skip
+    mlp = mrl.RoutedLlamaMLP(cfg, 0).eval()
+    with torch.no_grad():
+        mlp(torch.randn(1, tokens, 64))
+    modes = {m for name, m in launches if name in ("_gate_up_kernel", "_down_kernel")}
+    assert modes == {mrl._MODES[mode]}, launches
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The decode step runs the kernels whatever the caller's grad mode
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_captured_decode_step_runs_kernels_with_gradients_on(fake_cuda_graphs, kernel_calls, monkeypatch):
+    """A GreedyDecodeStep built (and so captured) where gradients are enabled, as the benchmark's decode loop built
+    it, still runs the Triton kernels: the warm-up and the captured step each call them in every routed layer."""
+    as_on_h200(monkeypatch)
+    model = tiny_routed_lm("auto")
+    with torch.enable_grad():
+        step = mrl.GreedyDecodeStep(model, batch=2, max_cache_len=32, cuda_graph=True)
+    assert kernel_calls == [2] * 3 * 2  # 3 routed layers, warm-up and capture, 2 tokens each
+    assert isinstance(step.graph, FakeGraph)
+
+
+def test_eager_decode_step_runs_kernels_with_gradients_on(kernel_calls, monkeypatch):
+    """Without a graph, prefill (5 tokens, within AUTO_TRITON_MAX_TOKENS here) and a step run the kernels too."""
+    as_on_h200(monkeypatch)
+    model = tiny_routed_lm("auto")
+    with torch.enable_grad():
+        step = mrl.GreedyDecodeStep(model, batch=1, max_cache_len=32, cuda_graph=False)
+        first = step.forward(torch.randint(1, 128, (1, 5))).argmax(-1)
+        step(first)
+    assert kernel_calls == [5] * 3 + [1] * 3
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The benchmark's rows say what ran
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def load_decode_benchmark():
+    if str(ROOT / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("bench_decode_dispatch", ROOT / "benchmarks" / "decode.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@needs_triton
+def test_decode_benchmark_routed_arm_runs_and_records_the_kernels(tmp_path, fake_cuda_graphs, kernel_calls,
+                                                                   monkeypatch):  # fmt: skip
+    """benchmarks/decode.py with emulated graphs and H200 dispatch: the routed arm's captured decode steps call the
+    kernels (batch 1: "triton/gemv1", batch 4: "triton/dot"), the row's `impl` is what was recorded during capture,
+    and k = N runs no routed layer. fast_generate records its mask prefill (16 tokens) and kernel steps."""
+    as_on_h200(monkeypatch)
+    decode = load_decode_benchmark()
+    monkeypatch.setattr(decode, "cuda_graphs", lambda device: True)
+    argv = ["--device", "cpu", "--shapes", "tiny", "--steps", "2", "--repeats", "1", "--prefill", "0", "--prompt", "16",
+            "--batches", "1", "4", "--ratios", "0.5", "0.25", "1.0", "--ffn-tokens", "--out", str(tmp_path)]  # fmt: skip
+    assert decode.main(argv) == 0
+    rows = json.loads((tmp_path / "decode.json").read_text())["rows"]
+    impl = {(r["batch"], r["k_over_n"]): r["impl"] for r in rows if r["phase"] == "decode"}
+    assert impl == {(1, 0.5): "triton/gemv1", (1, 0.25): "triton/gemv1", (1, 1.0): "dense (k = N)",
+                    (4, 0.5): "triton/dot", (4, 0.25): "triton/dot", (4, 1.0): "dense (k = N)"}  # fmt: skip
+    assert {r["routing_impl"] for r in rows if r["phase"] == "decode"} == {"auto"}
+    ran = {r["batch"]: r["ran"] for r in rows if r["phase"] == "generate"}
+    assert ran == {1: ["mask", "triton/gemv1"], 4: ["mask", "triton/dot"]}
+    assert 1 in kernel_calls and 4 in kernel_calls
