@@ -15,9 +15,10 @@ Routing in one routed layer, for a token x (hidden size H, intermediate size I, 
 
 With k = N the layer computes exactly the dense FFN. Three implementations compute the same function
 (`config.routing_impl`): "mask" (the reference: compute the whole FFN, zero the dropped clusters), "sparse" (compute
-only the kept clusters: Triton GEMV kernels for up to TRITON_MAX_TOKENS tokens without gradients on CUDA, tokens
+only the kept clusters: Triton kernels for up to TRITON_MAX_TOKENS tokens without gradients on CUDA, tokens
 grouped by cluster in plain PyTorch otherwise) and "auto" (the Triton kernels for up to AUTO_TRITON_MAX_TOKENS tokens
-on CUDA devices of compute capability 8.0 or newer, "mask" everywhere else; see `auto_uses_triton`).
+on CUDA devices of compute capability 8.0 or newer, "mask" everywhere else, as measured on an H200; see
+AUTO_TRITON_MAX_TOKENS and `triton_mode`).
 
 For decoding through the kernels, `RoutedLlamaForCausalLM.fast_generate` runs greedy decoding over a StaticCache with
 one CUDA graph per step.
@@ -64,10 +65,13 @@ TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 TRITON_MAX_TOKENS = 16
 
 # "auto" runs the Triton kernels for up to this many tokens on CUDA devices of compute capability >= 8.0, and the
-# mask reference otherwise (prefill, training, CPU); 0 turns them off. Measured (results/decode/decode.json, H200,
-# Llama-7B FFN, k/N 1/2): at 4 tokens the kernels run at 0.83x dense speed against mask's 0.72x, so they beat
-# the reference, though not dense; at 1 token mask ran 0.76x and the one-token kernel is not yet measured (it did not
-# compile in that run; fixed since). Revisit with the next decode.json.
+# mask reference otherwise (prefill, training, CPU); 0 turns them off. Chosen by what was measured
+# (results/decode/decode.json, H200, bf16, Llama-7B FFN alone, time per layer against mask, the alternative that
+# computes the same function): 1 token, "gemv1" kernel: 1.55x dense at k/N 1/2 and 2.20x at 1/4, mask 0.75x and
+# 0.74x; 4 tokens, "dot" kernel (`triton_mode`): 0.83x dense at k/N 1/2 and 0.99x at 1/4, mask 0.71x at both, so
+# the kernels beat the reference though not dense. 2, 3 and 5-8 tokens were not measured and above 8 mask runs
+# (prefill of 512 tokens measured mask only). Only the H200 (capability 9.0) was measured; other devices of
+# capability >= 8.0 take the same choice unmeasured.
 AUTO_TRITON_MAX_TOKENS = 8
 AUTO_MIN_CAPABILITY = (8, 0)
 
