@@ -10,6 +10,7 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -239,6 +240,30 @@ def test_several_workers_give_the_same_results(one_worker, tiny, tmp_path):
     dirs = [tmp_path / f"run{i}" for i in range(3)]
     got = runner.run_many(_configs(tiny), dirs, jobs=2, resume=False, log=lambda _: None, threads=1)
     assert [_deterministic(r) for r in got] == [_deterministic(r) for r in want]
+
+
+def test_packed_routed_runs_equal_runs_alone(tiny, tmp_path):
+    """Seeds of the routed arm packed into one model (`--group 2`): the same predictions, routing-off scores and
+    adapters as each seed trained alone, within fp32 rounding (the packed model shares the routed base)."""
+    from safetensors.torch import load_file
+
+    routed = replace(tiny_recipe(tiny["glue"], tiny["routed"]), arm="routed", engine="fast")
+    cfgs = [replace(routed, seed=s) for s in (0, 1)]
+    packed = runner.run_many(cfgs, [tmp_path / f"p{s}" for s in (0, 1)], jobs=1, resume=False, log=lambda _: None,
+                             threads=1, group=2)  # fmt: skip
+    alone = runner.run_many(cfgs, [tmp_path / f"a{s}" for s in (0, 1)], jobs=1, resume=False, log=lambda _: None,
+                            threads=1, group=1)  # fmt: skip
+    for s, p, a in zip((0, 1), packed, alone):
+        assert p["group_size"] == 2 and a["group_size"] == 1 and p["routed"]
+        assert p["predictions"] == a["predictions"]
+        assert p["final_routing_off"]["accuracy"] == a["final_routing_off"]["accuracy"]
+        np.testing.assert_allclose(p["train_loss"], a["train_loss"], rtol=1e-5)
+        got = load_file(tmp_path / f"p{s}" / "adapter" / "adapter_model.safetensors")
+        want = load_file(tmp_path / f"a{s}" / "adapter" / "adapter_model.safetensors")
+        assert got.keys() == want.keys()
+        for k in got:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6)
+    assert packed[0]["predictions"] != packed[1]["predictions"] or packed[0]["train_loss"] != packed[1]["train_loss"]
 
 
 def test_resume_after_a_crash(one_worker, tiny, tmp_path):
