@@ -27,7 +27,7 @@ from routed_llama.errors import UserError
 from routed_llama.io import command_line, write_json
 
 from .config import RunConfig
-from .runner import RESULT_KEYS, check_jobs, config_record, read_json_strict, run_many, visible_devices
+from .runner import RESULT_KEYS, check_jobs, config_record, default_jobs, read_json_strict, run_many, visible_devices
 
 FORMAT_VERSION = 2
 PLAN_FILE = "compare.json"  # the comparison's settings, written first: what --resume checks against
@@ -104,7 +104,8 @@ class CompareSettings:
     lrs: list[float] | None = field(default=None, metadata={
         "help": "an lr grid: each arm's lr is chosen on a held-out slice of train (not dev); default: the recipe's lr"})
     lr_holdout: float = field(default=0.1, metadata={"help": "fraction of train held out to choose the lr"})
-    jobs: int = field(default=1, metadata={"help": "runs at a time (persistent workers, round-robin over the GPUs)"})
+    jobs: int | None = field(default=None, metadata={
+        "help": "worker processes, round-robin over the GPUs (default: one per visible GPU, 1 without a GPU)"})
     group: int = field(default=1, metadata={
         "help": "seeds of one arm each worker trains together, packed into one model (fast engine)"})
     name: str | None = field(default=None, metadata={"help": "experiment name (default: the output folder's name)"})
@@ -132,13 +133,18 @@ class CompareSettings:
             raise UserError(f"learning rates repeat: {self.lrs}")
         if not 0 < self.lr_holdout < 1:
             raise UserError(f"lr_holdout must be in (0, 1), got {self.lr_holdout}")
-        check_jobs(self.jobs)
+        if self.jobs is not None:
+            check_jobs(self.jobs)
         if isinstance(self.group, bool) or not isinstance(self.group, int) or self.group < 1:
             raise UserError(f"group must be an integer >= 1, got {self.group!r}")
         if not self.output:
             raise UserError("need an output folder")
         if self.overwrite and self.resume:
             raise UserError("--overwrite and --resume exclude each other (replace the runs, or keep them)")
+
+    def workers(self) -> int:
+        """`jobs`, or one worker per visible GPU when not given (`runner.default_jobs`)."""
+        return self.jobs if self.jobs is not None else default_jobs()
 
 
 def _plan(settings: CompareSettings, recipe: RunConfig) -> dict:
@@ -287,7 +293,7 @@ def choose_lrs(settings: CompareSettings, recipe: RunConfig, refs: dict, log) ->
     configs = [replace(recipe, model=refs[a], arm=a, seed=seed, lr=lr, holdout_fraction=settings.lr_holdout,
                        eval_routing_off=False) for a, lr in pairs]  # fmt: skip
     dirs = [Path(settings.output) / SELECTION / f"{a}-lr{lr:g}" for a, lr in pairs]
-    results = run_many(configs, dirs, settings.jobs, settings.resume, log, group=settings.group)
+    results = run_many(configs, dirs, settings.workers(), settings.resume, log, group=settings.group)
     primary = tasks.get_task(recipe.task).primary
     selection = {a: {} for a in refs}
     for r in results:
@@ -309,14 +315,14 @@ def compare(settings: CompareSettings, recipe: RunConfig | None = None, log=prin
     pairs = [(a, s) for s in settings.seeds for a in refs]
     configs = [replace(recipe, model=refs[a], arm=a, seed=s, lr=chosen[a], holdout_fraction=None) for a, s in pairs]
     dirs = [Path(settings.output) / RUNS / f"{a}-seed{s}" for a, s in pairs]
-    results = run_many(configs, dirs, settings.jobs, settings.resume, log, group=settings.group)
+    results = run_many(configs, dirs, settings.workers(), settings.resume, log, group=settings.group)
     arms = {BASELINE: {"name": BASELINE}}
     arms.update({a.name: asdict(a) if a.checkpoint is None else _checkpoint_arm(a.name, a.checkpoint)
                  for a in settings.arm_list})  # fmt: skip
     summary = summarise(results, arms, Path(settings.output).name if settings.name is None else settings.name,
                         selection)  # fmt: skip
     command = settings.command if settings.command is not None else command_line()
-    summary["provenance"] = provenance(results, summary, command, settings.jobs, time.perf_counter() - t0,
+    summary["provenance"] = provenance(results, summary, command, settings.workers(), time.perf_counter() - t0,
                                        devices=visible_devices())  # fmt: skip
     write_outputs(Path(settings.output), summary)
     return summary

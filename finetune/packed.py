@@ -102,6 +102,7 @@ class Pack:
         packed_params = {id(p) for _, _, packed in self.swapped for p in packed.parameters()}
         extra = [n for n, p in self.model.named_parameters() if p.requires_grad and id(p) not in packed_params]
         if extra:
+            self.unpack()  # leave the first run's model as it was
             raise ValueError(f"packing cannot train {extra[:3]}: only LoRA adapters and linear heads are packed")
 
     @torch.no_grad()

@@ -56,6 +56,12 @@ def visible_devices(environ: Mapping[str, str] | None = None, count: int | None 
     return [str(i) for i in range(count)]
 
 
+def default_jobs() -> int:
+    """Workers when none are asked for: one per visible GPU, 1 without a GPU. With packed runs (`group`) one
+    worker fills its GPU: on an H200 two packs sharing one GPU took as long as one after the other (2026-11-29)."""
+    return max(1, len(visible_devices()))
+
+
 def place_workers(jobs: int, devices: Sequence[str]) -> list[str | None]:
     """The device of each of `jobs` workers: round-robin over `devices` (worker w on devices[w % G]); None (the
     CPU) for every worker when there is no device."""

@@ -52,7 +52,8 @@ class SweepSettings:
     plan: str = field(metadata={"help": "the plan JSON (e.g. results/sweep/plan.json)"})
     output: str = field(metadata={"help": "results folder: plan.json, runs/, results.json, report.md, figures"})
     resume: bool = field(default=False, metadata={"help": "keep finished runs in OUTPUT and redo interrupted ones"})
-    jobs: int = field(default=1, metadata={"help": "worker processes (round-robin over the visible GPUs)"})
+    jobs: int | None = field(default=None, metadata={
+        "help": "worker processes, round-robin over the GPUs (default: one per visible GPU, 1 without a GPU)"})
     group: int = field(default=1, metadata={"help": "seeds of one cell each worker trains together, packed into one "
                                                     "model (fast engine)"})  # fmt: skip
     only_stage: list[str] = field(default_factory=lambda: list(STAGES),
@@ -76,6 +77,8 @@ class SweepSettings:
             raise UserError(f"--only-stage takes {', '.join(STAGES)} or report; got {self.only_stage}")
         for name in ("jobs", "group"):
             value = getattr(self, name)
+            if name == "jobs" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UserError(f"--{name} must be an integer >= 1, got {value!r}")
         if self.budget_s is not None and not self.budget_s > 0:
@@ -442,6 +445,12 @@ def round_stats(plan: Plan, progress: Progress, cells: list[list[Run]], task_nam
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _default_jobs() -> int:
+    from .runner import default_jobs
+
+    return default_jobs()
+
+
 def _run_many():
     """The runner (a function, so that tests can put a fake in its place)."""
     from .runner import run_many
@@ -514,14 +523,15 @@ def execute(cells: list[list[Run]], ctx: dict) -> bool:
     todo = [[r for r in cell if read_result(r, out) is None] for cell in cells]
     todo = [c for c in todo if c]
     last = 0.0
-    for batch in batches(todo, s.jobs * s.group, whole=ctx["deadline"] is None):
+    jobs = s.jobs if s.jobs is not None else _default_jobs()
+    for batch in batches(todo, jobs * s.group, whole=ctx["deadline"] is None):
         if ctx["deadline"] is not None and time.monotonic() + last > ctx["deadline"]:
             log(f"budget reached: {sum(map(len, todo))} runs of this stage not started")
             return False
         t0 = time.monotonic()
         models = [ctx["checkpoints"].path(r.arm) for r in batch]
         configs = [run_config(ctx["plan"], r, m, ctx["data_dir"], out) for r, m in zip(batch, models)]
-        _run_many()(configs, [r.folder(out) for r in batch], s.jobs, True, log, group=s.group)
+        _run_many()(configs, [r.folder(out) for r in batch], jobs, True, log, group=s.group)
         todo = [[r for r in c if r not in batch] for c in todo]
         last = time.monotonic() - t0
     return True

@@ -283,8 +283,10 @@ def test_packing_refuses_what_it_cannot_train():
     models = [_peft_classifier(seed=s) for s in (0, 1)]
     for m in models:
         m.get_base_model().model.norm.weight.requires_grad_(True)
+    names = [type(m).__name__ for m in models[0].modules()]
     with pytest.raises(ValueError, match="packing cannot train"):
         packed.Pack(models)
+    assert [type(m).__name__ for m in models[0].modules()] == names  # the refused model is left as it was
 
 
 def test_runner_packs_only_compatible_runs_in_order():
