@@ -27,7 +27,7 @@ from routed_llama.errors import UserError
 from routed_llama.io import command_line, write_json
 
 from .config import RunConfig
-from .runner import RESULT_KEYS, check_jobs, config_record, default_jobs, read_json_strict, run_many, visible_devices
+from .runner import RESULT_KEYS, check_jobs, config_record, read_json_strict, resolve_jobs, run_many
 
 FORMAT_VERSION = 2
 PLAN_FILE = "compare.json"  # the comparison's settings, written first: what --resume checks against
@@ -143,8 +143,8 @@ class CompareSettings:
             raise UserError("--overwrite and --resume exclude each other (replace the runs, or keep them)")
 
     def workers(self) -> int:
-        """`jobs`, or one worker per visible GPU when not given (`runner.default_jobs`)."""
-        return self.jobs if self.jobs is not None else default_jobs()
+        """`jobs`, or one worker per visible GPU when not given (`runner.resolve_jobs`)."""
+        return resolve_jobs(self.jobs)
 
 
 def _plan(settings: CompareSettings, recipe: RunConfig) -> dict:
@@ -322,8 +322,7 @@ def compare(settings: CompareSettings, recipe: RunConfig | None = None, log=prin
     summary = summarise(results, arms, Path(settings.output).name if settings.name is None else settings.name,
                         selection)  # fmt: skip
     command = settings.command if settings.command is not None else command_line()
-    summary["provenance"] = provenance(results, summary, command, settings.workers(), time.perf_counter() - t0,
-                                       devices=visible_devices())  # fmt: skip
+    summary["provenance"] = provenance(results, summary, command, settings.workers(), time.perf_counter() - t0)
     write_outputs(Path(settings.output), summary)
     return summary
 
@@ -417,9 +416,9 @@ def summarise(results: list[dict], arm_configs: dict[str, dict], name: str, sele
 
 
 def provenance(results: list[dict], summary: dict, command: str, jobs: int | None, seconds: float | None,
-               date: str | None = None, devices: list[str] | None = None) -> dict:  # fmt: skip
+               date: str | None = None) -> dict:  # fmt: skip
     """How the runs were made: what a resumed comparison need not share with an uninterrupted one. `devices`: the
-    GPUs (CUDA_VISIBLE_DEVICES entries) the runs were spread over, one per run (None: not known, e.g. collected)."""
+    GPUs (CUDA_VISIBLE_DEVICES entries) the runs recorded, each run on one (None: none recorded)."""
     timing = {}
     for arm, a in summary["arms"].items():
         rs = {r["seed"]: r for r in results if r["arm"] == arm}
@@ -428,7 +427,7 @@ def provenance(results: list[dict], summary: dict, command: str, jobs: int | Non
     dates = sorted(r["date"] for r in results if r.get("date"))
     return {
         "hardware": results[0].get("hardware"),  # where the runs ran (each run sees its one GPU), not where collected
-        "devices": devices,
+        "devices": sorted({r["device"] for r in results if r.get("device")}) or None,
         "date": date or (f"{dates[0]} .. {dates[-1]}" if dates and dates[0] != dates[-1] else (dates or [None])[0]),
         "command": command,
         "jobs": jobs,
@@ -625,7 +624,7 @@ def _provenance_lines(s: dict) -> list[str]:
     p = s["provenance"]
     lines = [PROVENANCE_HEADING, "", "Wall-clock and provenance (differs between a resumed and an uninterrupted run):",
              "", f"- hardware: {p['hardware']}"
-             + (f" per run, runs spread over GPUs {','.join(p['devices'])}" if p.get("devices") else "")
+             + (f" per run; GPUs used: {','.join(p['devices'])}" if p.get("devices") else "")
              + f"; date: {p['date']}; "
              f"{p['jobs'] if p['jobs'] is not None else '?'} run(s) at a time"
              + (f"; wall {p['wall_seconds']:.0f} s" if p.get("wall_seconds") else ""),

@@ -130,13 +130,13 @@ def collate(items: list[dict], indices: np.ndarray, batch_size: int, buckets: li
 def concat(batches: list[Batch], pad_id: int) -> Batch:
     """Batches stacked row-wise into one (the runs of a pack: run j's rows at [j*B, (j+1)*B)), each right-padded
     to the longest of them (a real token's result does not depend on padding to its right)."""
+    if len(batches) == 1:
+        return batches[0]
     length = max(b.length for b in batches)
 
     def pad(t: torch.Tensor, value: int) -> torch.Tensor:
         return torch.nn.functional.pad(t, (0, length - t.shape[1]), value=value)  # (B, L) -> (B, length)
 
-    if len(batches) == 1:
-        return batches[0]
     return Batch(torch.cat([pad(b.input_ids, pad_id) for b in batches]),  # (K*B, length)
                  torch.cat([pad(b.attention_mask, 0) for b in batches]),  # (K*B, length)
                  torch.cat([b.labels for b in batches]), torch.cat([b.weight for b in batches]),  # (K*B,)

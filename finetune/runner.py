@@ -56,10 +56,11 @@ def visible_devices(environ: Mapping[str, str] | None = None, count: int | None 
     return [str(i) for i in range(count)]
 
 
-def default_jobs() -> int:
-    """Workers when none are asked for: one per visible GPU, 1 without a GPU. With packed runs (`group`) one
-    worker fills its GPU: on an H200 two packs sharing one GPU took as long as one after the other (2026-11-29)."""
-    return max(1, len(visible_devices()))
+def resolve_jobs(jobs: int | None) -> int:
+    """`jobs` checked, or when None the default: one worker per visible GPU, 1 without a GPU. With packed runs
+    (`group`) one worker fills its GPU: on an H200 two packs sharing one GPU took as long as one after the other
+    (2026-11-29)."""
+    return check_jobs(jobs) if jobs is not None else max(1, len(visible_devices()))
 
 
 def place_workers(jobs: int, devices: Sequence[str]) -> list[str | None]:

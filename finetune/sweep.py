@@ -28,6 +28,7 @@ from pathlib import Path
 
 from . import tasks
 from .config import RunConfig
+from .runner import resolve_jobs
 
 from routed_llama.errors import UserError
 
@@ -445,12 +446,6 @@ def round_stats(plan: Plan, progress: Progress, cells: list[list[Run]], task_nam
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _default_jobs() -> int:
-    from .runner import default_jobs
-
-    return default_jobs()
-
-
 def _run_many():
     """The runner (a function, so that tests can put a fake in its place)."""
     from .runner import run_many
@@ -523,7 +518,7 @@ def execute(cells: list[list[Run]], ctx: dict) -> bool:
     todo = [[r for r in cell if read_result(r, out) is None] for cell in cells]
     todo = [c for c in todo if c]
     last = 0.0
-    jobs = s.jobs if s.jobs is not None else _default_jobs()
+    jobs = resolve_jobs(s.jobs)
     for batch in batches(todo, jobs * s.group, whole=ctx["deadline"] is None):
         if ctx["deadline"] is not None and time.monotonic() + last > ctx["deadline"]:
             log(f"budget reached: {sum(map(len, todo))} runs of this stage not started")

@@ -252,7 +252,7 @@ def report(plan: Plan, res: dict, progress: Progress) -> str:
         f"{' to '.join(res['dates']) if res['dates'] else '—'}",
         f"- plan: `plan.json` (committed before its runs; sha256 of its content {res['plan_sha256'][:12]}); "
         f"command: `{res['command']}`",
-        f"- metric per task (final epoch on dev, no epoch picked): "
+        "- metric per task (final epoch on dev, no epoch picked): "
         + ", ".join(f"{_tn(t)} {m}" for t, m in plan.metrics.items()),
         "",
         "## Headline",

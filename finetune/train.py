@@ -207,6 +207,7 @@ def assemble(cfg: RunConfig, task: tasks.Task, s: Setup, o: dict, engine: str, p
         "train_tokens": int(train_tokens), "train_tokens_per_s": round(train_tokens / o["train_seconds"], 1),
         "peak_gpu_mem_bytes": peak, "precision": precision, "engine": engine,
         "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+        "device": os.environ.get("CUDA_VISIBLE_DEVICES") or None,  # the GPU a runner worker was placed on
         "train_loss": o.get("train_loss"), "shapes": o.get("shapes"), "group_size": o.get("group_size", 1),
         "hardware": hardware_name(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "base_fingerprint": s.fingerprint, "config": dataclasses.asdict(cfg),
