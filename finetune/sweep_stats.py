@@ -84,8 +84,10 @@ def win_rate(deltas: np.ndarray, confidence: float = 0.95) -> dict:
     if n == 0:
         return {"p_win": None, "ci95": None, "wins": 0, "ties": 0, "losses": 0, "n": 0}
     ci = binomtest(wins, n).proportion_ci(confidence, method="exact")
-    return {"p_win": wins / n, "ci95": [float(ci.low), float(ci.high)], "wins": wins, "ties": ties,
-            "losses": n - wins - ties, "n": n}  # fmt: skip
+    # rounded: the bounds come from a root search whose last bits differ between scipy versions (1e-14 seen between
+    # the GPU machine's and this one's), and the committed results must recompute exactly anywhere
+    return {"p_win": wins / n, "ci95": [round(float(ci.low), 12), round(float(ci.high), 12)], "wins": wins,
+            "ties": ties, "losses": n - wins - ties, "n": n}  # fmt: skip
 
 
 def pooled(deltas: Mapping[str, Sequence[float]], sds: Mapping[str, float | None], confidence: float = 0.95,
