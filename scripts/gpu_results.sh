@@ -167,5 +167,18 @@ if wants sweep; then
   step "sweep -> $OUT/sweep"
   run sweep "$PY" -m finetune sweep --plan results/sweep/plan.json --model "$BASE" --data-dir "$GLUE" \
     --checkpoint-dir "$WORK/sweep-checkpoints" --jobs "$JOBS" --group 10 --output "$OUT/sweep" --resume
+  # results/sweep-routing/CONFIG-TASK: does a real fine-tune sharpen specialisation? The routing of the seed-0
+  # adapters of the reference and of the best round-1 config (once round 1 has chosen it), on the selection tasks
+  BEST=$("$PY" -c 'import sys; from pathlib import Path; from finetune.sweep import read_plan, collect
+p = read_plan("results/sweep/plan.json"); print(collect(p, Path(sys.argv[1])).best or "")' "$OUT/sweep")
+  for cfg in reference $BEST; do
+    for task in rte mrpc; do
+      adapter=$OUT/sweep/runs/$task/$cfg/seed0/adapter dest=$OUT/sweep-routing/$cfg-$task
+      [ -d "$adapter" ] && [ ! -f "$dest/routing.json" ] || continue
+      step "routing of $adapter -> $dest"
+      run "sweep-routing-$cfg-$task" "$PY" -m finetune analyze --adapter "$adapter" --tasks "$task" --data-dir "$GLUE" \
+        --max-examples 200 --device cuda --no-progress --out "$dest"
+    done
+  done
 fi
 step "done: $OUT"
