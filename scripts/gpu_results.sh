@@ -27,13 +27,12 @@ MODEL=$1
 GLUE=$2
 OUT=${3:-outputs/gpu-results}
 STEPS=${STEPS:-decode decode-standin convert train-speed rte routing multi-gpu sweep}
-NGPU=$(${PYTHON:-python} -c 'import torch; print(torch.cuda.device_count())')
-JOBS=${JOBS:-$NGPU}
 WORK=${WORK:-outputs/gpu-work}
 PY=${PYTHON:-python}
 [ -d "$GLUE/RTE" ] || { echo "gpu_results.sh: error: $GLUE has no RTE/ (a GLUE folder in the TSV layout)" >&2; exit 2; }
-"$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' ||
-  { echo "gpu_results.sh: error: $PY sees no CUDA device" >&2; exit 2; }
+NGPU=$("$PY" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
+[ "$NGPU" -ge 1 ] || { echo "gpu_results.sh: error: $PY sees no CUDA device" >&2; exit 2; }
+JOBS=${JOBS:-$NGPU}
 mkdir -p "$OUT" "$WORK/logs"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 
@@ -107,11 +106,11 @@ fi
 # Trainer engine (as committed); results/rte-standin-lr5e-4-fast: the same at lr 5e-4 with the fast engine
 if wants rte; then
   routed_arms
-  for run_ in 5e-4:trainer 2e-5:trainer 5e-4:fast; do
-    lr=${run_%%:*} engine=${run_#*:}
-    name=rte-standin-lr$lr$([ "$engine" = fast ] && echo -fast)
+  # lr:engine:group:suffix; the fast engine trains the 5 seeds of an arm packed into one model
+  for run_ in 5e-4:trainer:1: 2e-5:trainer:1: 5e-4:fast:5:-fast; do
+    IFS=: read -r lr engine group suffix <<<"$run_"
+    name=rte-standin-lr$lr$suffix
     step "rte lr $lr, $engine engine -> $OUT/$name"
-    group=1; [ "$engine" = fast ] && group=5  # the fast engine trains the 5 seeds of an arm packed into one model
     run "$name" "$PY" -m finetune compare --model "$BASE" --task rte --data-dir "$GLUE" --lr "$lr" \
       --engine "$engine" --seeds 0 1 2 3 4 "${ARMS[@]}" --checkpoint-dir "$CK" --jobs "$JOBS" --group $group \
       --output "$OUT/$name" --resume
