@@ -54,7 +54,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if action.default in (None, False) or "default" in text:
+        if action.default is None or action.default is False or "default" in text:  # not 0 (0 == False)
             return text
         return super()._get_help_string(action)
 
@@ -83,7 +83,8 @@ class SettingsParser(settings_cli.SettingsParser):
             nargs = ("*" if has_default else "+") if many else ("?" if has_default else None)
             parser.add_argument(field.name, type=elem, nargs=nargs, **meta)
             return
-        meta.setdefault("help", "default: %(default)s" if field.type is not bool else "")
+        shown = field.type is not bool and field.default is not None  # HelpFormatter hides None defaults too
+        meta.setdefault("help", "default: %(default)s" if shown else "")
         if many:
             meta["action"] = _Repeatable
         shim = _with_metadata(field, meta)
