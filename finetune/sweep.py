@@ -437,7 +437,7 @@ def round_stats(plan: Plan, progress: Progress, cells: list[list[Run]], task_nam
     from . import sweep_stats
 
     plain, routed, off = round_scores(progress, cells, task_names)
-    family = len({c[0].arm for c in cells} - {PLAIN})
+    family = len({c[0].arm for c in cells} - {PLAIN})  # Holm over every config the round plans, run or not
     return sweep_stats.analyze_round(plain, routed, off, plan.analysis, family)
 
 
@@ -589,13 +589,6 @@ def sweep(settings: SweepSettings, log=print, command: str = "") -> dict:
             break
     progress = collect(plan, out)
     return sweep_report.write(plan, progress, out, {"command": command, "wall_seconds": time.monotonic() - t0})
-
-
-def parse_args(argv: list[str] | None = None) -> SweepSettings:
-    """SweepSettings from command-line arguments (flags generated from the dataclass; no file is written)."""
-    from routed_llama.cli import parse_settings
-
-    return parse_settings(SweepSettings, argv, PROG, __doc__.split("\n\n")[0])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,8 +12,8 @@ import numpy as np
 
 from routed_llama.io import write_json, write_text
 
-from . import sweep_stats, tasks
-from .sweep import PLAIN, Plan, Progress, lr_cells, round_scores
+from . import tasks
+from .sweep import PLAIN, Plan, Progress, lr_cells, round_stats
 
 FORMAT_VERSION = 1
 
@@ -97,9 +97,7 @@ def build(plan: Plan, progress: Progress, meta: dict) -> dict:
 
 
 def _round(plan: Plan, progress: Progress, cells, task_names) -> dict:
-    plain, routed, off = round_scores(progress, cells, task_names)
-    family = len({c[0].arm for c in cells} - {PLAIN})  # Holm over every config the round plans, run or not
-    stats = sweep_stats.analyze_round(plain, routed, off, plan.analysis, family)
+    stats = round_stats(plan, progress, cells, task_names)
     stats["complete_cells"] = sum(progress.scores(c) is not None for c in cells)
     stats["planned_cells"] = len(cells)
     stats["tasks"] = list(task_names)

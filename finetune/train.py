@@ -70,14 +70,9 @@ class Setup:
             base.model.set_top_k(k)
 
 
-def prepare(cfg: RunConfig, task: tasks.Task) -> Setup:
-    """Load the base (fp32, CPU), seed the head and LoRA init, wrap with PEFT, encode the splits."""
-    return prepare_group([cfg], task)[0]
-
-
 def prepare_group(cfgs: list[RunConfig], task: tasks.Task) -> list[Setup]:
-    """`prepare` for runs of one model and recipe (`check_group`): the base is loaded and the splits encoded once;
-    each run gets its own copy of the base, seeded head and LoRA init, as if prepared alone."""
+    """Runs of one model and recipe (`check_group`): the base is loaded (fp32, CPU) and the splits encoded once;
+    each run gets its own copy of the base, seeded head and LoRA init, wrapped with PEFT, as if prepared alone."""
     import copy
 
     from peft import LoraConfig, TaskType, get_peft_model
