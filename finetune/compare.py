@@ -249,10 +249,22 @@ def check_conversions(settings: CompareSettings, recipe: RunConfig):
         check_fits(config, arm.layers, arm.num_clusters, f"arm {arm.name}")
 
 
-def _convert_arm(base: str, target: Path, arm: Arm, log):
+def converted(base: str, target: Path, arm, log) -> Path:
+    """The routed checkpoint of `arm` (an Arm or anything with its conversion fields) in `target`: a matching finished
+    conversion there is reused, none is converted; another conversion there is an error."""
     import convert
 
-    convert.convert(_conversion_settings(base, target, arm), log=log)
+    record = target / "conversion.json"
+    if record.is_file():
+        if not _conversion_matches(json.loads(record.read_text()), arm):
+            raise UserError(f"{target} holds a different conversion than {arm.name}; remove it or pick another "
+                            "checkpoint dir")  # fmt: skip
+        log(f"reusing the routed checkpoint {target}")
+        return target
+    log(f"converting {base} for {arm.name} (layers {arm.layers}, N={arm.num_clusters}, k={arm.top_k}, {arm.method}, "
+        f"{arm.router} router)")  # fmt: skip
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(convert.convert(_conversion_settings(base, target, arm), log=log))
 
 
 def prepare_checkpoints(settings: CompareSettings, recipe: RunConfig, log) -> dict[str, str]:
@@ -263,18 +275,7 @@ def prepare_checkpoints(settings: CompareSettings, recipe: RunConfig, log) -> di
         if arm.checkpoint is not None:
             refs[arm.name] = arm.checkpoint
             continue
-        target = ckdir / arm.name
-        record = target / "conversion.json"
-        if record.is_file():
-            if not _conversion_matches(json.loads(record.read_text()), arm):
-                raise UserError(f"{target} holds a different conversion; remove it or pick another checkpoint dir")
-            log(f"reusing the routed checkpoint {target}")
-        else:
-            log(f"converting {recipe.model} for arm {arm.name} (layers {arm.layers}, N={arm.num_clusters}, "
-                f"k={arm.top_k})")  # fmt: skip
-            ckdir.mkdir(parents=True, exist_ok=True)
-            _convert_arm(recipe.model, target, arm, log)
-        refs[arm.name] = str(target)
+        refs[arm.name] = str(converted(recipe.model, ckdir / arm.name, arm, log))
     return refs
 
 

@@ -465,28 +465,9 @@ class Checkpoints:
         return self.paths[arm]
 
     def _convert(self, c: RoutedConfig) -> Path:
-        import convert
-        from routed_llama.surgery import parse_layers
+        from .compare import converted
 
-        target = self.folder / c.name
-        record = target / "conversion.json"
-        if record.is_file():
-            have = json.loads(record.read_text())
-            wanted = {"num_experts": c.num_clusters, "num_experts_per_tok": c.top_k, "method": c.method,
-                      "router": c.router, "seed": c.partition_seed,
-                      "routed_layers": parse_layers(c.layers, have["num_hidden_layers"])}  # fmt: skip
-            if all(have.get(k) == v for k, v in wanted.items()):
-                self.log(f"reusing the routed checkpoint {target}")
-                return target
-            raise UserError(f"{target} holds another conversion than config {c.name}; remove it or pass another "
-                            "--checkpoint-dir")  # fmt: skip
-        self.log(f"converting {self.plan.model} for {c.name} (layers {c.layers}, N={c.num_clusters}, k={c.top_k}, "
-                 f"{c.method}, {c.router} router)")  # fmt: skip
-        self.folder.mkdir(parents=True, exist_ok=True)
-        settings = convert.ConvertSettings(model=self.plan.model, out_dir=str(target), num_clusters=c.num_clusters,
-                                           top_k=c.top_k, layers=c.layers, seed=c.partition_seed, method=c.method,
-                                           router=c.router, progress=False)  # fmt: skip
-        return convert.convert(settings, log=self.log)
+        return converted(self.plan.model, self.folder / c.name, c, self.log)
 
 
 def run_config(plan: Plan, run: Run, model: str, data_dir: str | None, out: Path) -> RunConfig:
