@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -38,7 +37,7 @@ import torch
 
 import modeling_routed_llama as mrl  # the project installed (pip install -e .): no path games
 from configuration_routed_llama import RoutedLlamaConfig
-from decode import kernel_call  # benchmarks/ is this script's folder
+from decode import Ran, error_text, kernel_call  # benchmarks/ is this script's folder
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}
 NEAR_TIE = 1e-5
@@ -186,21 +185,9 @@ def decode_step_checks(args) -> list[dict]:
         expected = f"triton/{mrl.triton_mode(batch)}" if on_gpu else "mask"
 
         def capture(rec, batch=batch):
-            seen = set()
-            for mlp in model.model.routed_mlps().values():
-                def spy(x, pick=mlp.pick_impl):
-                    impl = pick(x)
-                    seen.add(f"triton/{mrl.triton_mode(x.shape[0])}" if impl == "triton" else impl)
-                    return impl
-
-                mlp.pick_impl = spy  # an instance attribute over the method, removed below
-            try:
-                with torch.enable_grad():
-                    mrl.GreedyDecodeStep(model, batch, 64, cuda_graph=True)
-            finally:
-                for mlp in model.model.routed_mlps().values():
-                    del mlp.pick_impl
-            rec["ran"] = sorted(seen)
+            with Ran(model) as ran, torch.enable_grad():
+                mrl.GreedyDecodeStep(model, batch, 64, cuda_graph=True)
+            rec["ran"] = sorted(ran.seen)
             rec["ok"] = rec["ran"] == [rec["expected"]]
 
         records.append(guard({"check": "decode_step", "batch": batch, "expected": expected}, capture))
@@ -302,16 +289,15 @@ def guard(record: dict, fn, *a) -> dict:
     try:
         fn(record, *a)
     except Exception as exc:
-        traceback.print_exc(limit=-3)
         record["ok"] = False
-        record["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        record["error"] = error_text(exc)
+    return show(record)
+
+
+def show(record: dict) -> dict:
     status = {True: "ok  ", False: "FAIL", None: "info"}[record.get("ok")]
     print(status, {k: v for k, v in record.items() if k != "ok"}, flush=True)
     return record
-
-
-def reraise(record: dict, exc: Exception):
-    raise exc
 
 
 def parse_args(argv=None):
@@ -330,12 +316,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     t0 = time.time()
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    machine = hardware(args.device)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     records = []
 
     def report(complete: bool) -> dict:
         doc = {
-            "hardware": hardware(args.device),
+            "hardware": machine,
             "date": date,
             "command": command_line(argv),
             "complete": complete,
@@ -354,7 +341,7 @@ def main(argv=None) -> int:
         try:
             records += checks(args)
         except Exception as exc:  # a whole group that cannot start (e.g. the checkpoint does not load)
-            records.append(guard({"check": checks.__name__}, reraise, exc))
+            records.append(show({"check": checks.__name__, "ok": False, "error": error_text(exc)}))
         report(complete=False)
     doc = report(complete=True)
     print(f"{doc['passed']} passed, {doc['failed']} failed, {doc['skipped_or_info']} skipped or informational")

@@ -176,7 +176,7 @@ class Ran:
     def __enter__(self):
         for mlp in self.mlps:
 
-            def spy(x, mlp=mlp, pick=mlp.pick_impl):
+            def spy(x, pick=mlp.pick_impl):
                 impl = pick(x)
                 self.seen.add(f"triton/{mrl.triton_mode(x.shape[0])}" if impl == "triton" else impl)
                 return impl
@@ -608,7 +608,7 @@ def guarded(fn, label: str, *a) -> list[dict]:
         return [{"model": label, "phase": "setup", "error": error_text(exc)}]
 
 
-def run(args) -> dict:
+def run(args, argv=None) -> dict:
     from routed_llama.hardware import hardware
     from routed_llama.io import command_line
 
@@ -619,7 +619,7 @@ def run(args) -> dict:
         "format_version": 2,
         "hardware": hardware(args.device),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": command_line(),
+        "command": command_line(argv),
         "dtype": args.dtype,
         "num_clusters": args.num_clusters,
         "prompt_tokens": args.prompt,
@@ -723,7 +723,7 @@ def plot(doc: dict, path: Path):
 
 
 def main(argv=None) -> int:
-    run(parse_args(argv))
+    run(parse_args(argv), argv)
     return 0
 
 
