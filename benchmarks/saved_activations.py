@@ -25,15 +25,16 @@ import torch
 from routed_llama.hardware import hardware_name
 from routed_llama.io import command_line, write_json
 
-SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-             num_key_value_heads=3, max_position_embeddings=2048, tie_word_embeddings=True, pad_token_id=2)  # fmt: skip
+from train_probe import SHAPE  # the SmolLM2-135M shape; benchmarks/ is this script's folder
+
+from finetune.config import RunConfig
+from finetune.train import lora_config
 
 
 def peft_classifier(model):
-    from peft import LoraConfig, TaskType, get_peft_model
+    from peft import get_peft_model
 
-    return get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=32, lora_alpha=64,
-                                            target_modules=["q_proj", "v_proj"], modules_to_save=["score"]))  # fmt: skip
+    return get_peft_model(model, lora_config(RunConfig()))  # the harness's default recipe: r 32, q/v, head
 
 
 def saved_bytes(model, ids: torch.Tensor) -> tuple[int, dict]:

@@ -43,20 +43,19 @@ def engine(k: int, buckets: list[int]) -> tuple[fast.FastEngine, list[RunConfig]
     """K runs (seeds 0..K-1: own head and LoRA init) of one random base; K > 1 packed into one model."""
     import copy
 
-    from peft import LoraConfig, TaskType, get_peft_model
+    from peft import get_peft_model
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
     from finetune import packed
+    from finetune.train import lora_config
 
     torch.manual_seed(0)
     base = LlamaForSequenceClassification(LlamaConfig(**SHAPE, num_labels=2))
     cfgs, models = [], []
     for seed in range(k):
         torch.manual_seed(seed)
-        lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=32, lora_alpha=64, target_modules=["q_proj", "v_proj"],
-                          modules_to_save=["score"])  # fmt: skip
-        models.append(get_peft_model(copy.deepcopy(base), lora))
         cfgs.append(RunConfig(task="rte", lr=5e-4, epochs=1, batch_size=16, seed=seed, buckets=buckets))
+        models.append(get_peft_model(copy.deepcopy(base), lora_config(cfgs[-1])))
     model = models[0] if k == 1 else packed.Pack(models).model
     e = fast.FastEngine(model.cuda(), cfgs[0], tasks.get_task("rte"), SHAPE["pad_token_id"], "bf16",
                         torch.device("cuda"), k)  # fmt: skip

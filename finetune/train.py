@@ -75,7 +75,7 @@ def prepare_group(cfgs: list[RunConfig], task: tasks.Task) -> list[Setup]:
     each run gets its own copy of the base, seeded head and LoRA init, wrapped with PEFT, as if prepared alone."""
     import copy
 
-    from peft import LoraConfig, TaskType, get_peft_model
+    from peft import get_peft_model
     from transformers import set_seed
 
     cfg0 = cfgs[0]
@@ -93,12 +93,18 @@ def prepare_group(cfgs: list[RunConfig], task: tasks.Task) -> list[Setup]:
         model = base if i == len(cfgs) - 1 else copy.deepcopy(base)
         models.init_score(model, cfg.seed)
         set_seed(cfg.seed)  # LoRA A matrices are drawn here: same seed, same init in both arms
-        lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                          lora_dropout=cfg.lora_dropout, target_modules=list(cfg.lora_targets),
-                          modules_to_save=list(cfg.modules_to_save), bias="none")  # fmt: skip
-        model = get_peft_model(model, lora)
+        model = get_peft_model(model, lora_config(cfg))
         setups.append(Setup(model, tokenizer, train_ds, eval_ds, eval_order, routed, fingerprint))
     return setups
+
+
+def lora_config(cfg: RunConfig):
+    """PEFT's LoraConfig for the recipe in `cfg` (a sequence classifier: the head is trained in full)."""
+    from peft import LoraConfig, TaskType
+
+    return LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                      lora_dropout=cfg.lora_dropout, target_modules=list(cfg.lora_targets),
+                      modules_to_save=list(cfg.modules_to_save), bias="none")  # fmt: skip
 
 
 # what runs trained together (one packed model: one base, one recipe, one lr) may differ in
