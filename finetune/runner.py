@@ -264,7 +264,8 @@ def _wait(procs, results_q, pending: set[int], run_dirs, on_done: Callable[[int]
 
 def pack(configs: list[RunConfig], todo: list[int], group: int) -> list[list[int]]:
     """`todo` cut into units of at most `group` runs that may train side by side (fast engine, same task, data and
-    recipe; they differ only in seed, lr, arm, model...: see `train.check_group`), in the order of their first run."""
+    recipe, model and lr; they differ only in `train.GROUP_FIELDS_FREE`: seed, arm name, output folder), in the order
+    of their first run."""
     from .train import GROUP_FIELDS_FREE
 
     units: list[list[int]] = []
