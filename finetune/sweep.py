@@ -61,6 +61,9 @@ class SweepSettings:
                                   metadata={"help": f"run only these stages ({', '.join(STAGES)}; 'report': run "
                                                     "nothing, rewrite the report); the report always covers every "
                                                     "finished run"})  # fmt: skip
+    only_task: list[str] | None = field(default=None, metadata={
+        "help": "run only these tasks' cells (e.g. `--only-stage round1 --only-task rte mrpc`: the selection tasks, "
+                "all that the confirmation round's choice needs); None: every task of the plan"})  # fmt: skip
     data_dir: str | None = field(default=None, metadata={"help": "local GLUE folder; None: the plan's data_dir"})
     model: str | None = field(default=None, metadata={"help": "where to load the plan's base model from (the same "
                                                               "weights, e.g. the stand-in exported to a folder); "
@@ -516,8 +519,9 @@ def execute(cells: list[list[Run]], ctx: dict) -> bool:
 def check_prerequisites(plan: Plan, settings: SweepSettings, progress: Progress):
     """A stage asked for alone needs what the stages before it decide (the lr; the confirmation config)."""
     stages = settings.only_stage
-    if "round1" in stages and "lr" not in stages and set(progress.lrs) != set(plan.tasks):
-        missing = [t for t in plan.tasks if t not in progress.lrs]
+    wanted = settings.only_task or plan.tasks
+    if "round1" in stages and "lr" not in stages and not set(wanted) <= set(progress.lrs):
+        missing = [t for t in wanted if t not in progress.lrs]
         raise UserError(f"round1 needs the lr of every task; the lr stage is not finished for {missing}: "
                         "run it first (--only-stage lr)")  # fmt: skip
     if "confirmation" in stages and "round1" not in stages and progress.best is None:
@@ -547,6 +551,8 @@ def sweep(settings: SweepSettings, log=print, command: str = "") -> dict:
         plan = dataclasses.replace(plan, model=settings.model)
     out = Path(settings.output)
     data_dir = settings.data_dir or plan.data_dir
+    if settings.only_task and not set(settings.only_task) <= set(plan.tasks):
+        raise UserError(f"--only-task takes tasks of the plan ({', '.join(plan.tasks)}); got {settings.only_task}")
     check_inputs(plan, data_dir)
     check_output(plan, out, settings.resume or settings.only_stage == ["report"])
     progress = collect(plan, out)
@@ -562,6 +568,7 @@ def sweep(settings: SweepSettings, log=print, command: str = "") -> dict:
         progress = collect(plan, out)
         cells = {"lr": lambda: lr_cells(plan), "round1": lambda: progress.round1_cells,
                  "confirmation": lambda: progress.confirmation_cells}[stage]()  # fmt: skip
+        cells = [c for c in cells if not settings.only_task or c[0].task in settings.only_task]
         if stage == "confirmation" and progress.best is None:
             log("confirmation: not started (round 1 is not finished on the selection tasks)")
             continue

@@ -217,6 +217,28 @@ def test_round1_alone_needs_the_lr_stage(world, tmp_path, fake, capsys):
     assert fake.calls == []
 
 
+def test_only_task_runs_those_tasks_and_the_confirmation_can_follow(world, tmp_path, fake, capsys):
+    """The selection tasks' round 1 first, then the confirmation, then the rest of round 1: the same runs."""
+    plan = make_plan(world)
+    path, out = write_plan(tmp_path, plan), tmp_path / "out"
+    assert sweep.main(_argv(path, out, "--only-task", "sts-b")) == 2
+    assert "--only-task takes tasks of the plan" in capsys.readouterr().err and fake.calls == []
+    assert sweep.main(_argv(path, out, "--only-stage", "lr")) == 0
+    n_lr = len(fake.calls)
+    select = plan["confirmation"]["select_on"]
+    assert sweep.main(_argv(path, out, "--resume", "--only-stage", "round1", "--only-task", *select)) == 0
+    assert {c[0] for c in fake.calls[n_lr:]} == set(select)
+    n_sel = len(fake.calls)
+    assert n_sel - n_lr == len(select) * (1 + len(plan["configs"])) * 10
+    assert sweep.main(_argv(path, out, "--resume", "--only-stage", "confirmation")) == 0
+    conf = fake.calls[n_sel:]
+    assert {c[0] for c in conf} == set(plan["confirmation"]["tasks"]) and {c[2] for c in conf} == set(range(10, 20))
+    assert sweep.main(_argv(path, out, "--resume")) == 0
+    rest = fake.calls[n_sel + len(conf) :]
+    assert {c[0] for c in rest} == set(plan["tasks"]) - set(select) and {c[2] for c in rest} == set(range(10))
+    assert _strict_json(out / "results.json")["headline"] is not None
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # stages, ordering, resume
 # ---------------------------------------------------------------------------------------------------------------
