@@ -161,22 +161,30 @@ if wants multi-gpu && [ "$NGPU" -ge 2 ] && [ ! -f "$OUT/multi-gpu/summary.json" 
   run multi-gpu-summary "$PY" benchmarks/multi_gpu.py "$MG"
 fi
 
-# results/sweep: the pre-registered sweep of routed configs x GLUE tasks x seeds (results/sweep/plan.json)
+# results/sweep: the pre-registered sweep of routed configs x GLUE tasks x seeds (results/sweep/plan.json), in the
+# order that reaches the headline first: the lr stage, round 1 on the selection tasks, the confirmation round, the rest
 if wants sweep; then
   step "sweep -> $OUT/sweep"
-  run sweep "$PY" -m finetune sweep --plan results/sweep/plan.json --model "$BASE" --data-dir "$GLUE" \
-    --checkpoint-dir "$WORK/sweep-checkpoints" --jobs "$JOBS" --group 10 --output "$OUT/sweep" --resume
-  # results/sweep-routing/CONFIG-TASK: does a real fine-tune sharpen specialisation? The routing of the seed-0
-  # adapters of the reference and of the best round-1 config (once round 1 has chosen it), on the selection tasks
+  SWEEP=("$PY" -m finetune sweep --plan results/sweep/plan.json --model "$BASE" --data-dir "$GLUE"
+         --checkpoint-dir "$WORK/sweep-checkpoints" --jobs "$JOBS" --group 10 --output "$OUT/sweep" --resume)
+  run sweep-lr "${SWEEP[@]}" --only-stage lr
+  run sweep-select "${SWEEP[@]}" --only-stage round1 --only-task rte mrpc
+  run sweep-confirmation "${SWEEP[@]}" --only-stage confirmation
+  run sweep-rest "${SWEEP[@]}" --only-stage round1
+  # results/sweep-routing: does a real fine-tune sharpen specialisation? The routing of the seed-0 adapters of the
+  # reference and of the confirmed config on the selection tasks, and of the converted models (the baseline)
   BEST=$("$PY" -c 'import sys; from pathlib import Path; from finetune.sweep import read_plan, collect
 p = read_plan("results/sweep/plan.json"); print(collect(p, Path(sys.argv[1])).best or "")' "$OUT/sweep")
-  for cfg in reference $BEST; do
+  ANALYZE=(--tasks rte mrpc --data-dir "$GLUE" --max-examples 200 --device cuda --no-progress)
+  for cfg in reference $([ "$BEST" = reference ] || echo "$BEST"); do
+    dest=$OUT/sweep-routing/$cfg-converted
+    [ -f "$dest/routing.json" ] || run "sweep-routing-$cfg" "$PY" -m finetune analyze \
+      --checkpoint "$WORK/sweep-checkpoints/$cfg" "${ANALYZE[@]}" --out "$dest"
     for task in rte mrpc; do
       adapter=$OUT/sweep/runs/$task/$cfg/seed0/adapter dest=$OUT/sweep-routing/$cfg-$task
       [ -d "$adapter" ] && [ ! -f "$dest/routing.json" ] || continue
       step "routing of $adapter -> $dest"
-      run "sweep-routing-$cfg-$task" "$PY" -m finetune analyze --adapter "$adapter" --tasks "$task" --data-dir "$GLUE" \
-        --max-examples 200 --device cuda --no-progress --out "$dest"
+      run "sweep-routing-$cfg-$task" "$PY" -m finetune analyze --adapter "$adapter" "${ANALYZE[@]}" --out "$dest"
     done
   done
 fi
