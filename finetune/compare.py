@@ -27,7 +27,7 @@ from routed_llama.errors import UserError
 from routed_llama.io import command_line, write_json
 
 from .config import RunConfig
-from .runner import RESULT_KEYS, check_jobs, config_record, read_json_strict, resolve_jobs, run_many
+from .runner import RESULT_KEYS, check_count, check_jobs, config_record, read_json_strict, resolve_jobs, run_many
 
 FORMAT_VERSION = 2
 PLAN_FILE = "compare.json"  # the comparison's settings, written first: what --resume checks against
@@ -135,8 +135,7 @@ class CompareSettings:
             raise UserError(f"lr_holdout must be in (0, 1), got {self.lr_holdout}")
         if self.jobs is not None:
             check_jobs(self.jobs)
-        if isinstance(self.group, bool) or not isinstance(self.group, int) or self.group < 1:
-            raise UserError(f"group must be an integer >= 1, got {self.group!r}")
+        check_count("group", self.group)
         if not self.output:
             raise UserError("need an output folder")
         if self.overwrite and self.resume:

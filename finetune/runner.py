@@ -79,10 +79,15 @@ def cpu_threads(jobs: int, cores: int | None = None) -> int:
     return max(1, cores // jobs)
 
 
+def check_count(name: str, value) -> int:
+    """The one check of a worker or pack count (`jobs`, `group`): an integer >= 1 (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"{name} must be an integer >= 1, got {value!r}")
+    return value
+
+
 def check_jobs(jobs) -> int:
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise UserError(f"jobs must be an integer >= 1, got {jobs!r}")
-    return jobs
+    return check_count("jobs", jobs)
 
 
 # --- results on disk --------------------------------------------------------------------------------------------------

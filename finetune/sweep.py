@@ -28,7 +28,7 @@ from pathlib import Path
 
 from . import tasks
 from .config import RunConfig
-from .runner import resolve_jobs
+from .runner import check_count, resolve_jobs
 
 from routed_llama.errors import UserError
 
@@ -79,12 +79,9 @@ class SweepSettings:
         bad = [s for s in self.only_stage if s not in (*STAGES, "report")]
         if bad or not self.only_stage:
             raise UserError(f"--only-stage takes {', '.join(STAGES)} or report; got {self.only_stage}")
-        for name in ("jobs", "group"):
-            value = getattr(self, name)
-            if name == "jobs" and value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UserError(f"--{name} must be an integer >= 1, got {value!r}")
+        if self.jobs is not None:
+            check_count("--jobs", self.jobs)
+        check_count("--group", self.group)
         if self.budget_s is not None and not self.budget_s > 0:
             raise UserError(f"--budget-s must be > 0, got {self.budget_s}")
 

@@ -593,7 +593,21 @@ def test_cli_with_adapter_reports_the_change(tiny, glue, tmp_path, capsys):
     assert ch["tv_total"] > 0 and 0 < ch["p_value"] <= 1
     assert ch["gained"] and ch["lost"] and all(g["delta_load"] > 0 for g in ch["gained"])
     assert (tmp_path / "ft" / "load_change.png").is_file()
-    assert "## Change from the converted model" in (tmp_path / "ft" / "summary.md").read_text()
+    # ... and so are its specialisation tests, beside the fine-tuned model's (which differ)
+    for scope in ("all", "text"):
+        for test in ("by_task", "by_label"):
+            before, after = ft["specialisation_converted"][scope][test], ft["specialisation"][scope][test]
+            assert before["observed"] == conv["specialisation"][scope][test]["observed"]
+            assert before["p_value"] == conv["specialisation"][scope][test]["p_value"]
+    assert ft["specialisation"]["all"]["by_task"]["observed"] != conv["specialisation"]["all"]["by_task"]["observed"]
+    assert "specialisation_converted" not in conv
+    summary = (tmp_path / "ft" / "summary.md").read_text()
+    assert "## Change from the converted model" in summary
+    lines = summary.splitlines()
+    header = lines.index("| test | scope | converted | fine-tuned | ratio |")
+    row = next(line for line in lines[header:] if line.startswith("| by task | all |"))
+    conv_task, ft_task = conv["specialisation"]["all"]["by_task"], ft["specialisation"]["all"]["by_task"]
+    assert f"{conv_task['observed']:.4f}" in row and f"{ft_task['observed']:.4f}" in row
 
 
 def _bad_inputs(tiny, glue, tmp_path):

@@ -33,6 +33,8 @@ DEFINITIONS = {
     "(labels: within a task); range_pp = max - min token share across groups, percentage "
     "points; p_adjusted: max-T over all clusters of all layers",
     "change": "fine-tuned minus converted (adapter disabled) on the same tokens; paired sign-flip test",
+    "specialisation_converted": "the specialisation tests on the converted model's routing of the same tokens (with "
+    "an adapter): read beside `specialisation` to see whether fine-tuning sharpens it",
 }
 
 
@@ -270,14 +272,18 @@ def describe(rec: Recording, items: list[Item], coselection_layers: list[int], o
     scopes = {"all": None}
     if rec.token_is_text is not None:
         scopes["text"] = rec.token_is_text
-    spec = {}
-    for scope, mask in scopes.items():
-        counts = rec.stacked_counts(len(items), n, mask)
-        spec[scope] = specialisation(counts, items, layers, k, options)
-        spec[scope]["tokens"] = int(rec.token_example.size if mask is None else mask.sum())
-    out["specialisation"] = spec
+    def spec_of(r: Recording) -> dict:
+        spec = {}
+        for scope, mask in scopes.items():
+            spec[scope] = specialisation(r.stacked_counts(len(items), n, mask), items, layers, k, options)
+            spec[scope]["tokens"] = int(r.token_example.size if mask is None else mask.sum())
+        return spec
+
+    out["specialisation"] = spec_of(rec)
     if base is not None:
         out["change"] = change_summary(base, rec, len(items), options)
+        # the same tests on the converted model's routing of the same tokens: does fine-tuning sharpen it?
+        out["specialisation_converted"] = spec_of(base)
     return out
 
 

@@ -200,10 +200,33 @@ def _change_section(ch: dict, figures: dict[str, str]) -> list[str]:
     return lines + ["", f"![load change]({figures['change']})", ""]
 
 
+def _sharpening_section(report: dict) -> list[str]:
+    """The specialisation tests of the fine-tuned model beside the same tests of the converted one (same tokens)."""
+    after, before = report["specialisation"], report["specialisation_converted"]
+    lines = [
+        "Specialisation before and after fine-tuning (the tests above, on the converted model's routing of the same "
+        "tokens; in brackets the mean of each permutation null). The two statistics are not tested against each other.",
+        "",
+        "| test | scope | converted | fine-tuned | ratio |",
+        "|---|---|---|---|---|",
+    ]
+    for scope in after:
+        for test, name in (("by_task", "by task"), ("by_label", "by label")):
+            a, b = after[scope].get(test), before[scope].get(test)
+            if not a or not b or a.get("observed") is None or b.get("observed") is None:
+                continue
+            ratio = f"{a['observed'] / b['observed']:.3f}" if b["observed"] else "n/a"
+            lines.append(f"| {name} | {scope} | {b['observed']:.4f} ({b['null_mean']:.4f}) | "
+                         f"{a['observed']:.4f} ({a['null_mean']:.4f}) | {ratio} |")  # fmt: skip
+    return lines + [""]
+
+
 def summary_markdown(report: dict, figures: dict[str, str]) -> str:
     """The markdown summary of a routing.json record; `figures` maps figure keys to file names beside it."""
     lines = _header(report) + _load_section(report, figures) + _coselection_section(report, figures)
     lines += _specialisation_section(report, figures)
     if report.get("change"):
         lines += _change_section(report["change"], figures)
+    if report.get("specialisation_converted"):
+        lines += _sharpening_section(report)
     return "\n".join(lines) + "\n"
