@@ -172,14 +172,11 @@ if wants sweep; then
   run sweep-confirmation "${SWEEP[@]}" --only-stage confirmation
   run sweep-rest "${SWEEP[@]}" --only-stage round1
   # results/sweep-routing: does a real fine-tune sharpen specialisation? The routing of the seed-0 adapters of the
-  # reference and of the confirmed config on the selection tasks, and of the converted models (the baseline)
+  # reference and of the confirmed config on the selection tasks (each beside its converted model's, same tokens)
   BEST=$("$PY" -c 'import sys; from pathlib import Path; from finetune.sweep import read_plan, collect
 p = read_plan("results/sweep/plan.json"); print(collect(p, Path(sys.argv[1])).best or "")' "$OUT/sweep")
   ANALYZE=(--tasks rte mrpc --data-dir "$GLUE" --max-examples 200 --device cuda --no-progress)
   for cfg in reference $([ "$BEST" = reference ] || echo "$BEST"); do
-    dest=$OUT/sweep-routing/$cfg-converted
-    [ -f "$dest/routing.json" ] || run "sweep-routing-$cfg" "$PY" -m finetune analyze \
-      --checkpoint "$WORK/sweep-checkpoints/$cfg" "${ANALYZE[@]}" --out "$dest"
     for task in rte mrpc; do
       adapter=$OUT/sweep/runs/$task/$cfg/seed0/adapter dest=$OUT/sweep-routing/$cfg-$task
       [ -d "$adapter" ] && [ ! -f "$dest/routing.json" ] || continue
