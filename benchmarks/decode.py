@@ -493,7 +493,8 @@ def ffn_rows(shape: str, args) -> list[dict]:
             if runs_kernels:
                 for v in ffn_variants(tokens):
                     fns[f"{v['mode']}/{v['reduce']}"] = cycle([kernel_call(m, v) for m in routed], x)
-            per_call = {name: (lambda f=f: time_us(f, args.ffn_reps, device, graph) / len(dense))
+            n_layers = len(dense)  # each timed call cycles through every layer: report per layer
+            per_call = {name: (lambda f=f: time_us(f, args.ffn_reps, device, graph) / n_layers)
                         for name, f in fns.items()}  # fmt: skip
             values = interleaved(per_call, args.repeats)
             for name in [nm for nm in fns if nm not in ("dense", "ideal")]:

@@ -596,7 +596,7 @@ def test_cli_with_adapter_reports_the_change(tiny, glue, tmp_path, capsys):
     # ... and so are its specialisation tests, beside the fine-tuned model's (which differ)
     for scope in ("all", "text"):
         for test in ("by_task", "by_label"):
-            before, after = ft["specialisation_converted"][scope][test], ft["specialisation"][scope][test]
+            before = ft["specialisation_converted"][scope][test]
             assert before["observed"] == conv["specialisation"][scope][test]["observed"]
             assert before["p_value"] == conv["specialisation"][scope][test]["p_value"]
     assert ft["specialisation"]["all"]["by_task"]["observed"] != conv["specialisation"]["all"]["by_task"]["observed"]

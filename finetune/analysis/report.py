@@ -272,6 +272,7 @@ def describe(rec: Recording, items: list[Item], coselection_layers: list[int], o
     scopes = {"all": None}
     if rec.token_is_text is not None:
         scopes["text"] = rec.token_is_text
+
     def spec_of(r: Recording) -> dict:
         spec = {}
         for scope, mask in scopes.items():
