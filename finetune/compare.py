@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -24,7 +23,7 @@ import numpy as np
 
 from . import stats, tasks
 from routed_llama.errors import UserError
-from routed_llama.io import command_line, write_json
+from routed_llama.io import command_line, write_file, write_json, write_text
 
 from .config import RunConfig
 from .runner import RESULT_KEYS, check_count, check_jobs, config_record, read_json_strict, resolve_jobs, run_many
@@ -35,7 +34,6 @@ OUTPUT_FILES = ("results.json", "report.md", "curves.png")
 RUNS, SELECTION, CHECKPOINTS = "runs", "lr-selection", "checkpoints"
 PROVENANCE_HEADING = "## How it ran"  # report.md from here on depends on when and how the runs were made
 BASELINE = "baseline"
-WRITE_PREFIX = ".write-"  # write_outputs' temporary folder inside the output
 
 
 # --- settings -------------------------------------------------------------------------------------------------------
@@ -191,22 +189,14 @@ def start_output(settings: CompareSettings, recipe: RunConfig):
                 raise UserError(f"{out} holds no {PLAN_FILE}: not a comparison that can be resumed")
             if read_json_strict(plan_file) != json.loads(json.dumps(plan)):
                 raise UserError(f"{out} holds a comparison with other settings; --resume needs the same ones")
-            _remove_write_leftovers(out)
             return
         if not settings.overwrite:
             raise UserError(f"{out} exists and is not empty; pass --overwrite to replace it or --resume to continue it")
         for name in (RUNS, SELECTION, PLAN_FILE, *OUTPUT_FILES):
             path = out / name
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-        _remove_write_leftovers(out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(plan_file, plan)
-
-
-def _remove_write_leftovers(out: Path):
-    """The temporary folders of a `write_outputs` that was killed (the finished files are never in them alone)."""
-    for tmp in out.glob(f"{WRITE_PREFIX}*"):
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --- routed checkpoints ---------------------------------------------------------------------------------------------
@@ -553,17 +543,11 @@ def _checkpoint_arm(name: str, checkpoint: str, record: str | None = None) -> di
 
 
 def write_outputs(out: Path, summary: dict):
-    """results.json, report.md and curves.png, written to a temporary folder and moved over the output's files."""
+    """results.json, report.md and curves.png, each written beside and renamed into place (`io.write_file`)."""
     out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=WRITE_PREFIX, dir=out))
-    try:
-        write_json(tmp / "results.json", summary, indent=1)
-        plot_curves(summary, tmp / "curves.png")
-        (tmp / "report.md").write_text(report(summary))
-        for f in OUTPUT_FILES:
-            (tmp / f).replace(out / f)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    write_json(out / "results.json", summary, indent=1)
+    write_file(out / "curves.png", lambda p: plot_curves(summary, p))
+    write_text(out / "report.md", report(summary))
 
 
 def _fmt(x, spec=".2f") -> str:

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
-from routed_llama.io import write_json, write_text
+from routed_llama.io import write_file, write_json, write_text
 
 from . import tasks
 from .sweep import PLAIN, Plan, Progress, lr_cells, round_stats
@@ -395,11 +394,8 @@ def write(plan: Plan, progress: Progress, out: Path, meta: dict) -> dict:
     """results.json, report.md, heatmap.png and forest.png in `out` (each written beside and renamed into place)."""
     res = build(plan, progress, meta)
     out.mkdir(parents=True, exist_ok=True)
-    for name, plot in (("heatmap.png", lambda p: plot_heatmap(plan, res["round1"], p)),
-                       ("forest.png", lambda p: plot_forest(plan, res["round1"], res["confirmation"], p))):  # fmt: skip
-        tmp = out / f".{name}.tmp.png"
-        plot(tmp)
-        os.replace(tmp, out / name)
+    write_file(out / "heatmap.png", lambda p: plot_heatmap(plan, res["round1"], p))
+    write_file(out / "forest.png", lambda p: plot_forest(plan, res["round1"], res["confirmation"], p))
     write_json(out / "results.json", res, indent=1)
     write_text(out / "report.md", report(plan, res, progress))
     return res

@@ -20,6 +20,7 @@ import shlex
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from .errors import UserError
@@ -184,13 +185,14 @@ def dumps(obj, indent: int | None = 2) -> str:
     return json.dumps(strict(obj), indent=indent, allow_nan=False) + "\n"
 
 
-def write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a file atomically: a temporary file in the same folder, then `os.replace`."""
+def write_file(path: str | os.PathLike, write: Callable[[Path], object]) -> None:
+    """Write a file atomically: `write(tmp)` fills a temporary file in the same folder (with `path`'s suffix, so that
+    e.g. matplotlib's `savefig` picks the format), then `os.replace` puts it in place. A failure leaves `path` alone."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{_TMP}{os.getpid()}-", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{_TMP}{os.getpid()}-", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        write(Path(tmp))
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
@@ -199,6 +201,11 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file atomically (`write_file`)."""
+    write_file(path, lambda tmp: tmp.write_text(text))
 
 
 def write_json(path: str | os.PathLike, obj, indent: int | None = 2) -> None:

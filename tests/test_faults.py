@@ -107,3 +107,22 @@ def test_write_json_is_strict(tmp_path):
     text = (tmp_path / "x.json").read_text()
     assert json.loads(text) == {"a": None, "b": [1.5, None], "c": 3} and "NaN" not in text
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"] and os.stat(tmp_path / "x.json").st_mode & 0o044
+
+
+def test_write_file_replaces_only_when_complete(tmp_path):
+    """A writer that fails keeps the old file and leaves no temporary; the temporary carries the suffix (savefig)."""
+    target = tmp_path / "fig.png"
+    target.write_bytes(b"old")
+    seen = []
+
+    def broken(tmp):
+        seen.append(tmp)
+        tmp.write_bytes(b"half")
+        raise RuntimeError("killed while writing")
+
+    with pytest.raises(RuntimeError):
+        io.write_file(target, broken)
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["fig.png"]
+    assert seen[0].suffix == ".png" and seen[0].parent == tmp_path
+    io.write_file(target, lambda tmp: tmp.write_bytes(b"new"))
+    assert target.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["fig.png"]
