@@ -14,6 +14,8 @@ import json
 import sys
 from pathlib import Path
 
+from routed_llama.io import write_json
+
 FIELDS = ("final", "final_routing_off", "predictions")
 
 
@@ -54,7 +56,7 @@ def main(argv=None) -> int:
                                                 f"{r['group_size'][0]} vs {r['group_size'][1]})" if "final" in r else ""))
     print(f"{res['identical']} of {res['compared']} reruns identical to the original")
     if a.out:
-        a.out.write_text(json.dumps(res, indent=1) + "\n")
+        write_json(a.out, res, indent=1)
     return 0 if res["identical"] == res["compared"] else 1
 
 
