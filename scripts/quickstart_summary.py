@@ -40,6 +40,11 @@ def routing_lines(routing: dict) -> list[str]:
         same = [v for v in change["kept_overlap"].values() if isinstance(v, (int, float))]
         lines.append(f"after LoRA     : {min(same):.0%}-{max(same):.0%} of each token's kept clusters unchanged; "
                      f"load shift {change['tv_total']:.3f} (sign-flip p = {change['p_value']:.3g})")  # fmt: skip
+    before = routing.get("specialisation_converted", {}).get("text", {}).get("by_task")
+    if by_task and before and before.get("observed"):
+        ratio = by_task["observed"] / before["observed"]
+        lines.append(f"sharper?       : task statistic {before['observed']:.2f} before fine-tuning, "
+                     f"{by_task['observed']:.2f} after ({ratio:.2f}x; not tested)")  # fmt: skip
     return lines
 
 
