@@ -8,6 +8,8 @@ from routed_llama.errors import UserError
 
 from . import tasks
 
+BF16_AUTOCAST = ("bf16", "bf16-base")  # the (resolved) precisions that train under bf16 autocast
+
 
 @dataclass
 class RunConfig:
@@ -36,7 +38,12 @@ class RunConfig:
     max_eval_samples: int | None = None
     # lr selection: hold out this fraction of train as the evaluation set (dev is not touched)
     holdout_fraction: float | None = None
-    precision: str = "auto"  # auto: bf16 on a GPU that has it, else fp32
+    # bf16-base: a GPU profile of bf16 steps found most device time in elementwise kernels (autocast casting the
+    # fp32 frozen weights, an fp32 residual stream); a base stored in bf16 halves that traffic (models.cast_frozen)
+    precision: str = field(default="auto", metadata={"help": (
+        "auto (bf16 on a GPU that has it, else fp32), bf16 (fp32 weights, bf16 autocast), bf16-base (bf16 "
+        "autocast over a frozen base stored in bf16; LoRA and head stay fp32), fp16 (Trainer engine only) or fp32"
+    )})  # fmt: skip
     # engine: "fast" = the project's loop (static length buckets; on CUDA each bucket's whole training step is one
     # CUDA graph); "trainer" = transformers.Trainer (the reference, and the multi-GPU path under torchrun/accelerate);
     # "auto" = trainer when launched distributed, else fast
@@ -56,8 +63,8 @@ class RunConfig:
             raise UserError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.holdout_fraction is not None and not 0 < self.holdout_fraction < 1:
             raise UserError(f"holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
-        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
-            raise UserError(f"precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
+        if self.precision not in ("auto", "bf16", "bf16-base", "fp16", "fp32"):
+            raise UserError(f"precision must be auto, bf16, bf16-base, fp16 or fp32, got {self.precision!r}")
         if self.routing_impl not in (None, "mask", "sparse", "auto"):
             raise UserError(f"routing_impl must be mask, sparse or auto, got {self.routing_impl!r}")
         if self.engine not in ("auto", "fast", "trainer"):
@@ -75,7 +82,7 @@ class RunConfig:
 
 def resolve_precision(precision: str, device: str | None = None) -> str:
     """"auto" -> "bf16" on a CUDA device that has it (`device` None: the default device), else "fp32"; any other
-    value is returned as it is. One rule for training and for evaluating an adapter."""
+    value ("bf16-base" too) is returned as it is. One rule for training and for evaluating an adapter."""
     if precision != "auto":
         return precision
     import torch

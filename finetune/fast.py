@@ -9,7 +9,8 @@ batches are padded to a few bucket lengths (`RunConfig.buckets`), each captured 
 
 The math is Trainer's: mean loss over the real examples of a batch (weight-0 filler rows pad the last batch),
 clip to `max_grad_norm`, AdamW (betas 0.9/0.999, eps 1e-8), linear warmup over ceil(warmup_ratio * steps) then
-linear decay (the first step has lr 0), bf16 autocast over fp32 weights. On the CPU the same step runs eagerly.
+linear decay (the first step has lr 0), bf16 autocast over fp32 weights ("bf16-base": over a frozen base stored in
+bf16, the trainable weights fp32). On the CPU the same step runs eagerly.
 
 One engine trains K runs at once: K = 1 trains the PEFT model as it is; K > 1 trains a `packed.Pack` (K adapters
 over one base, one forward of the K runs' batches stacked; see finetune/packed.py). Every batch the engine sees has
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from . import data, tasks
-from .config import RunConfig
+from .config import BF16_AUTOCAST, RunConfig
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
@@ -43,9 +44,11 @@ class FastEngine:
     def __init__(self, model, cfg: RunConfig, task: tasks.Task, pad_id: int, precision: str, device: torch.device,
                  k: int = 1):  # fmt: skip
         if precision == "fp16":
-            raise ValueError("the fast engine trains in bf16 or fp32; use --engine trainer for fp16 (loss scaling)")
+            raise ValueError(
+                "the fast engine trains in bf16, bf16-base or fp32; use --engine trainer for fp16 (loss scaling)"
+            )
         self.model, self.cfg, self.task, self.pad_id, self.device, self.k = model, cfg, task, pad_id, device, k
-        self.amp = precision == "bf16"
+        self.amp = precision in BF16_AUTOCAST
         self.graphs = device.type == "cuda"
         self.params = [p for p in model.parameters() if p.requires_grad]
         if k > 1 and any(p.shape[:1] != (k,) for p in self.params):

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from . import tasks
+from .config import BF16_AUTOCAST
 
 
 def _sequential_eval_trainer():
@@ -60,7 +61,7 @@ def training_arguments(cfg, scratch: str, precision: str):
         report_to="none",
         seed=cfg.seed,
         data_seed=cfg.seed,
-        bf16=precision == "bf16",
+        bf16=precision in BF16_AUTOCAST,  # bf16-base: the base was stored in bf16 when the run was prepared
         fp16=precision == "fp16",
         train_sampling_strategy="group_by_length",
         logging_nan_inf_filter=False,  # it syncs with the device every step

@@ -141,6 +141,20 @@ def init_score(model, seed: int):
     w.copy_(torch.randn(w.shape, generator=g, dtype=torch.float32) * std)
 
 
+@torch.no_grad()
+def cast_frozen(model, dtype: torch.dtype) -> int:
+    """Store every frozen floating-point parameter of `model` (requires_grad False: under PEFT, the base) in `dtype`,
+    in place; trainable parameters (LoRA, the trained head) and buffers (router centroids, rotary frequencies) keep
+    theirs. Tied parameters stay tied (the Parameter objects are kept). Returns the bytes saved."""
+    saved = 0
+    for p in model.parameters():
+        if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
+            before = p.numel() * p.element_size()
+            p.data = p.data.to(dtype)
+            saved += before - p.numel() * p.element_size()
+    return saved
+
+
 def base_fingerprint(model) -> str:
     """A short hash that identifies the frozen backbone an adapter was trained on, so that loading the adapter over
     another base fails loudly: the architecture and routing layout (not k, which may change at deployment) and a

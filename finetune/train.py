@@ -72,7 +72,9 @@ class Setup:
 
 def prepare_group(cfgs: list[RunConfig], task: tasks.Task) -> list[Setup]:
     """Runs of one model and recipe (`check_group`): the base is loaded (fp32, CPU) and the splits encoded once;
-    each run gets its own copy of the base, seeded head and LoRA init, wrapped with PEFT, as if prepared alone."""
+    each run gets its own copy of the base, seeded head and LoRA init, wrapped with PEFT, as if prepared alone.
+    With precision "bf16-base" each run's frozen base is then stored in bf16 (packing keeps run 0's base as the
+    packed model's and stacks the fp32 trainable tensors; the Trainer trains the model as it is)."""
     import copy
 
     from peft import get_peft_model
@@ -94,6 +96,8 @@ def prepare_group(cfgs: list[RunConfig], task: tasks.Task) -> list[Setup]:
         models.init_score(model, cfg.seed)
         set_seed(cfg.seed)  # LoRA A matrices are drawn here: same seed, same init in both arms
         model = get_peft_model(model, lora_config(cfg))
+        if cfg.precision == "bf16-base":  # once wrapped: requires_grad now tells the frozen base from what trains
+            models.cast_frozen(model, torch.bfloat16)
         setups.append(Setup(model, tokenizer, train_ds, eval_ds, eval_order, routed, fingerprint))
     return setups
 
