@@ -4,10 +4,11 @@
         --data-dir GLUE --task rte --epochs 5 --jobs 1 4 8 --output results/train-speed
 
 Rows {arm, mode, jobs, epochs, train_seconds, run_seconds, tokens_per_s, peak_gpu_mem_bytes, runs_per_gpu_hour,
-final}: `mode` is the engine ("fast": one CUDA graph per step; "trainer": transformers.Trainer, eager);
+final, precision}: `mode` is the engine ("fast": one CUDA graph per step; "trainer": transformers.Trainer, eager);
 `jobs` is how many runs (seeds 0..jobs-1 of one arm) train together in one process, packed into one model
 (finetune/packed.py; `--group` of compare and sweep); `runs_per_gpu_hour` = 3600 * jobs / run_seconds, where run_seconds is the whole call (loading, tokenising,
-capturing, training, evaluating). Writes train_speed.json and runs_per_gpu_hour.png to --output.
+capturing, training, evaluating); `precision` is the runs' resolved precision (`--precision`, e.g. bf16-base: a frozen
+base stored in bf16, timed beside bf16 rows). Writes train_speed.json and runs_per_gpu_hour.png to --output.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from routed_llama.hardware import hardware_name
 from routed_llama.io import command_line, write_json
 
 from finetune import train
-from finetune.config import RunConfig
+from finetune.config import RunConfig, resolve_precision
 
 
 def row(arm: str, mode: str, results: list[dict], wall: float) -> dict:
@@ -35,6 +36,7 @@ def row(arm: str, mode: str, results: list[dict], wall: float) -> dict:
         "tokens_per_s": round(sum(x["train_tokens"] for x in results) / r["train_seconds"], 1),
         "peak_gpu_mem_bytes": r["peak_gpu_mem_bytes"], "runs_per_gpu_hour": round(3600 * len(results) / wall, 1),
         "final": [x["final"][x["primary_metric"]] for x in results], "shapes": r.get("shapes"),
+        "precision": r["precision"],
     }  # fmt: skip
 
 
@@ -75,13 +77,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=float, default=5.0)
     p.add_argument("--trainer-epochs", type=float, default=1.0, help="the eager reference is slow: time fewer epochs")
     p.add_argument("--jobs", type=int, nargs="+", default=[1, 4, 8])
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "bf16-base", "fp32"],
+                   help="RunConfig's precision (the fast engine has no fp16)")  # fmt: skip
     p.add_argument("--output", default="results/train-speed")
     args = p.parse_args(argv)
     arms = [a.split("=", 1) for a in args.arm]
     if any(len(a) != 2 for a in arms) or any(j < 1 for j in args.jobs):
         print("train_speed: error: --arm wants NAME=CHECKPOINT and --jobs positive integers", file=sys.stderr)
         return 2
-    base = RunConfig(task=args.task, data_dir=args.data_dir, lr=args.lr)
+    base = RunConfig(task=args.task, data_dir=args.data_dir, lr=args.lr, precision=args.precision)
     rows = [measure(base, name, ckpt, "fast", 1, args.epochs) for name, ckpt in arms]
     first, ckpt = arms[0]
     rows += [measure(base, first, ckpt, "fast", j, args.epochs) for j in args.jobs if j > 1]
@@ -91,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     record = {"hardware": hardware_name(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "command": command_line(argv, "python benchmarks/train_speed.py"),
+              "precision": resolve_precision(args.precision),
               "recipe": {"task": args.task, "lr": args.lr, "batch_size": base.batch_size, "lora_r": base.lora_r,
                          "buckets": base.buckets}, "rows": rows}  # fmt: skip
     write_json(out / "train_speed.json", record, indent=1)
