@@ -81,12 +81,18 @@ def cluster_means(weight: torch.Tensor, offsets: list[int]) -> torch.Tensor:
     return torch.stack([weight[a:b].float().mean(0) for a, b in zip(offsets[:-1], offsets[1:])])
 
 
+@torch.compiler.assume_constant_result  # under torch.compile: a constant of the graph, not a traced device query
+def _capable(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) >= AUTO_MIN_CAPABILITY
+
+
 def auto_uses_triton(x: torch.Tensor) -> bool:
     """The device/token-count half of `routing_impl="auto"`: True for at most AUTO_TRITON_MAX_TOKENS tokens on a CUDA
     device of compute capability >= AUTO_MIN_CAPABILITY. x (M, H)."""
     if not x.is_cuda or x.shape[0] > AUTO_TRITON_MAX_TOKENS:
         return False
-    return torch.cuda.get_device_capability(x.device) >= AUTO_MIN_CAPABILITY
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    return _capable(index)
 
 
 class RoutedLlamaRouter(nn.Module):
@@ -124,6 +130,8 @@ class RoutedLlamaRouter(nn.Module):
         """`expert_of_neuron` as int32, cached per device (the Triton kernels read it every call). While a CUDA graph
         is being captured it is computed but not cached: a tensor from the graph's private pool must not outlive it."""
         device = self.expert_offsets.device
+        if torch.compiler.is_compiling():  # traced: two small ops in the graph, no Python-side cache to mutate
+            return self.expert_of_neuron(intermediate_size).to(torch.int32)
         cached = self._row_cluster.get(device)
         if cached is not None and cached.numel() == intermediate_size:
             return cached
@@ -272,7 +280,10 @@ class RoutedLlamaMLP(nn.Module):
         shapes, so a decode step can be captured in a CUDA graph. Only called where `_triton_ok` holds.
         x (M, H) -> (M, H)."""
         router = self.router
-        return triton_routed_ffn(
+        # under torch.compile the kernels run as one opaque custom op (`routed_llama::routed_ffn`): the compiler
+        # fuses everything around them and never traces their launch code
+        ffn = torch.ops.routed_llama.routed_ffn if torch.compiler.is_compiling() else triton_routed_ffn
+        return ffn(
             x,
             w_gate=self.gate_proj.weight,
             w_up=self.up_proj.weight,
@@ -587,6 +598,23 @@ def _down(h, w_down, dtype, mode, t):
     return out
 
 
+# `triton_routed_ffn` (default tiles) as a custom op, so that torch.compile can hold it in a graph (fake: shapes
+# only). A checkpoint's copy of this file may be imported more than once (one module per checkpoint folder): the
+# first registration serves them all.
+if triton is not None and not hasattr(torch.ops.routed_llama, "routed_ffn"):
+
+    @torch.library.custom_op("routed_llama::routed_ffn", mutates_args=())
+    def _routed_ffn_op(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+                       row_cluster: torch.Tensor, top_k: int, centroids: torch.Tensor | None = None,
+                       offsets: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        return triton_routed_ffn(x, w_gate=w_gate, w_up=w_up, w_down=w_down, row_cluster=row_cluster, top_k=top_k,
+                                 centroids=centroids, offsets=offsets)  # fmt: skip
+
+    @_routed_ffn_op.register_fake
+    def _(x, w_gate, w_up, w_down, row_cluster, top_k, centroids=None, offsets=None):
+        return torch.empty_like(x)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Greedy decoding over a StaticCache with one CUDA graph per step (RoutedLlamaForCausalLM.fast_generate).
 # ---------------------------------------------------------------------------------------------------------------
@@ -598,15 +626,20 @@ _CACHE_KWARG = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward)
 class GreedyDecodeStep:
     """One greedy decode step (B tokens in, B tokens out) over a StaticCache of `max_cache_len` positions.
 
-    With `cuda_graph` the step is captured once (after one eager warm-up step on a side stream, which also compiles
-    the Triton kernels) and replayed; the cache's write position is a device tensor that the replay advances, so
+    With `cuda_graph` the step is captured once (after two warm-up steps on a side stream, which also compile the
+    Triton kernels) and replayed; the cache's write position is a device tensor that the replay advances, so
     nothing is read back to the host. `reset()` empties the cache for the next prompt without re-capturing.
+    With `compile` the decode step (not the prefill, whose length varies) runs `torch.compile(model)` (default
+    mode: the graph capture is this class's own), which fuses the many small kernels around the matrix products
+    (norms, rotary embedding, residual adds); the Triton FFN stays one custom op. Compiling costs tens of seconds
+    per model, batch and k, paid in the warm-up.
     """
 
-    def __init__(self, model, batch: int, max_cache_len: int, cuda_graph: bool):
+    def __init__(self, model, batch: int, max_cache_len: int, cuda_graph: bool, compile: bool = False):
         from transformers import StaticCache
 
         self.model = model
+        self.step_model = torch.compile(model, dynamic=False) if compile else model
         self.key = None  # set by the owner: what this step was built for
         self.cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=model.device)  # (B, 1) the step's static input
@@ -617,21 +650,24 @@ class GreedyDecodeStep:
         self.reset()
 
     @torch.no_grad()
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Logits of the last position, (B, V), of input_ids (B, T) appended to the cache. Always without gradients,
-        whatever the caller's grad mode: the Triton kernels run only without them (`_triton_ok`), and a step captured
-        with gradients on would replay the mask path for good."""
+    def forward(self, input_ids: torch.Tensor, model=None) -> torch.Tensor:
+        """Logits of the last position, (B, V), of input_ids (B, T) appended to the cache, by `model` (default: the
+        eager model, as for a prefill). Always without gradients, whatever the caller's grad mode: the Triton kernels
+        run only without them (`_triton_ok`), and a step captured with gradients on would replay the mask path for
+        good."""
         kwargs = {_CACHE_KWARG: self.cache}
-        return self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **kwargs).logits[:, -1]
+        model = self.model if model is None else model
+        return model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **kwargs).logits[:, -1]
 
     def _step(self) -> torch.Tensor:
-        return self.forward(self.ids).argmax(-1)  # (B,)
+        return self.forward(self.ids, self.step_model).argmax(-1)  # (B,)
 
     def _capture(self):
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            self._step()  # allocates the cache, compiles kernels: none of this may happen inside the capture
+            for _ in range(2):  # allocates the cache, compiles (a second call may recompile): never inside the capture
+                self._step()
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
@@ -740,15 +776,16 @@ class RoutedLlamaForCausalLM(RoutedLlamaPreTrainedModel, LlamaForCausalLM):
 
     @torch.no_grad()
     def fast_generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, eos_token_id=None,
-                      cuda_graph: bool | None = None) -> torch.Tensor:  # fmt: skip
+                      cuda_graph: bool | None = None, compile: bool = False) -> torch.Tensor:  # fmt: skip
         """Greedy decoding: the tokens `generate(input_ids, do_sample=False, max_new_tokens=...)` returns, faster.
 
         The prompt is prefilled into a StaticCache; each further token is one decode step, replayed from a CUDA
         graph on CUDA (`cuda_graph=None` means "on CUDA"). With routing_impl "auto" or "sparse", decode steps of up to
         AUTO_TRITON_MAX_TOKENS (resp. TRITON_MAX_TOKENS) sequences run the Triton kernels that read only the kept
-        clusters. The graph and cache are kept for the next call with the same batch size, cache length (rounded up
-        to a multiple of 128), k and routing_impl; the first call of a shape pays for one capture
-        (`clear_fast_generate` frees them).
+        clusters. With `compile` the decode step is also `torch.compile`d (see `GreedyDecodeStep`): faster steps,
+        tens of seconds of compilation on the first call of a shape. The graph and cache are kept for the next call
+        with the same batch size, cache length (rounded up to a multiple of 128), k, routing_impl and `compile`; the
+        first call of a shape pays for one capture (`clear_fast_generate` frees them).
 
         Limits: greedy only (sampling and logits processors in `generation_config` are ignored); no padding
         (all rows of input_ids (B, T) are real tokens). Like `generate`, a row that produced an EOS token
@@ -762,7 +799,7 @@ class RoutedLlamaForCausalLM(RoutedLlamaPreTrainedModel, LlamaForCausalLM):
         input_ids = input_ids.to(self.device)
         batch, length = input_ids.shape
         use_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
-        step = self._decode_step(batch, -(-(length + max_new_tokens) // 128) * 128, use_graph)
+        step = self._decode_step(batch, -(-(length + max_new_tokens) // 128) * 128, use_graph, compile)
         eos = _eos_ids(self.generation_config, eos_token_id)
         pad = self.generation_config.pad_token_id
         pad = eos[0] if pad is None and eos else pad
@@ -780,15 +817,15 @@ class RoutedLlamaForCausalLM(RoutedLlamaPreTrainedModel, LlamaForCausalLM):
             tokens = step(tokens)
         return torch.cat([input_ids, _trim_after_eos(out[:, : i + 1], eos)], dim=1)
 
-    def _decode_step(self, batch: int, max_cache_len: int, cuda_graph: bool) -> GreedyDecodeStep:
+    def _decode_step(self, batch: int, max_cache_len: int, cuda_graph: bool, compile: bool) -> GreedyDecodeStep:
         # a captured graph holds k and the implementation as they were at capture: they are part of the key
         routing = tuple((i, m.router.top_k) for i, m in self.model.routed_mlps().items()), self.config.routing_impl
-        key = (batch, max_cache_len, self.device, self.dtype, cuda_graph, routing)
+        key = (batch, max_cache_len, self.device, self.dtype, cuda_graph, compile, routing)
         if self._greedy_step is not None and self._greedy_step.key == key:
             self._greedy_step.reset()
         else:
             self.clear_fast_generate()  # free the old graph and cache before allocating new ones
-            self._greedy_step = GreedyDecodeStep(self, batch, max_cache_len, cuda_graph)
+            self._greedy_step = GreedyDecodeStep(self, batch, max_cache_len, cuda_graph, compile)
             self._greedy_step.key = key
         return self._greedy_step
 

@@ -28,6 +28,7 @@ k-means clusters are used, or a dense folder / GGUF file, split equally).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -64,7 +65,12 @@ def parse_args(argv=None):
     p.add_argument("--prefill", type=int, default=512, help="prefill tokens (0: no prefill rows)")
     p.add_argument("--ffn-tokens", type=int, nargs="*", default=[1, 4], help="token counts of the FFN-alone rows")
     p.add_argument("--ffn-reps", type=int, default=100)
-    p.add_argument("--compile", action="store_true", help="also time every decode arm torch.compile'd")
+    p.add_argument("--compile", action="store_true",
+                   help="also time the decode and fast_generate rows with every arm's decode step torch.compile'd")
+    p.add_argument("--compile-batches", type=int, nargs="*", default=None,
+                   help="batches of the compiled rows (default: --batches); each compiled arm costs a compilation")
+    p.add_argument("--compile-ratios", type=float, nargs="*", default=None, help="k/N of the compiled rows "
+                   "(default: --ratios)")  # fmt: skip
     p.add_argument("--mask-rows", action="store_true", help="also time the routed arm with routing_impl='mask'")
     p.add_argument("--tune", action="store_true", help="time alternative Triton tile sizes on the first shape's FFN")
     p.add_argument("--only-ffn", action="store_true", help="only the FFN rows (and --tune): no whole-model rows")
@@ -196,12 +202,16 @@ class DecodeArm:
     def __init__(self, model, batch: int, args, top_k=None, impl=None, compiled=False):
         self.model, self.top_k, self.impl, self.batch = model, top_k, impl, batch
         self.apply()
-        runner = torch.compile(model, dynamic=False) if compiled else model
         cache_len = args.prompt + args.steps + 16
         graph = cuda_graphs(args.device)
+        self.compiled = compiled
         self.ran = Ran(model)
-        with self.ran:  # the capture (on CUDA) runs the step's Python once
-            self.step = mrl.GreedyDecodeStep(runner, batch, cache_len, cuda_graph=graph)
+        if compiled:  # a spy inside traced code would be compiled into the step: ask the layers eagerly instead
+            self.step = mrl.GreedyDecodeStep(model, batch, cache_len, cuda_graph=graph, compile=True)
+            self.ran.seen.add(impl_name(model, batch, args.device))
+        else:
+            with self.ran:  # the capture (on CUDA) runs the step's Python once
+                self.step = mrl.GreedyDecodeStep(model, batch, cache_len, cuda_graph=graph)
         g = torch.Generator().manual_seed(batch)
         self.prompt = torch.randint(0, model.config.vocab_size, (batch, args.prompt), generator=g).to(args.device)
 
@@ -220,8 +230,8 @@ class DecodeArm:
         self.apply()
         self.step.reset()
         first = self.step.forward(self.prompt).argmax(-1)  # prefill (not a decode step: not recorded)
-        with self.ran:  # one untimed step: eager without a graph, a replay (no Python) with one
-            tokens = self.step(first)
+        with contextlib.nullcontext() if self.compiled else self.ran:  # one untimed step: eager without a graph,
+            tokens = self.step(first)  # a replay (no Python) with one
         sync(self.prompt.device)
         t0 = time.perf_counter()
         for _ in range(steps):
@@ -279,30 +289,45 @@ def make_row(base: dict, values: dict, routed: str = "routed", larger_is_faster=
 
 
 def impl_name(model, batch: int, device) -> str:
-    """What the first routed layer picks for `batch` tokens without gradients ("triton", "mask", ...), as the prefill
-    rows run it, or "dense (k = N)"."""
-    mlp = next(iter(model.model.routed_mlps().values()))
-    if mlp.router.top_k >= mlp.router.num_experts:
+    """What the first routed layer picks for `batch` tokens without gradients ("triton/gemv1", "mask", ...), as the
+    prefill and compiled rows run it, or "dense (k = N)" (also for a dense model)."""
+    mlps = model.model.routed_mlps() if hasattr(model.model, "routed_mlps") else {}
+    mlp = next(iter(mlps.values()), None)
+    if mlp is None or mlp.router.top_k >= mlp.router.num_experts:
         return "dense (k = N)"
     with torch.no_grad():
-        return mlp.pick_impl(torch.zeros(batch, mlp.hidden_size, device=device, dtype=model.dtype))
+        impl = mlp.pick_impl(torch.zeros(batch, mlp.hidden_size, device=device, dtype=model.dtype))
+    return f"triton/{mrl.triton_mode(batch)}" if impl == "triton" else impl
+
+
+def row_grid(args, compiled) -> tuple[list[int], list[float]]:
+    """(batches, k/N ratios) of the decode and generate rows: the compiled ones may be a subset."""
+    if not compiled:
+        return args.batches, args.ratios
+    batches = args.batches if args.compile_batches is None else args.compile_batches
+    return batches, args.ratios if args.compile_ratios is None else args.compile_ratios
 
 
 def decode_rows(name, dense, routed, ideals, args, compiled) -> list[dict]:
     """One decode row per (batch, k/N [, impl]): dense, ideal and routed arms timed in the same loop."""
     n = routed.config.num_experts
     rows = []
-    for batch in args.batches:
-        for ratio in args.ratios:
+    batches, ratios = row_grid(args, compiled)
+    for batch in batches:
+        for ratio in ratios:
             k = max(1, round(ratio * n))
             for impl in ["auto"] + (["mask"] if args.mask_rows and k < n else []):
                 base = {"model": name, "batch": batch, "k_over_n": k / n, "phase": "decode", "compiled": compiled}
-                arms = {}
+                arms, setup = {}, {}
                 try:
-                    arms["dense"] = DecodeArm(dense, batch, args, compiled=compiled)
-                    if k < n and ratio in ideals:
-                        arms["ideal"] = DecodeArm(ideals[ratio], batch, args, compiled=compiled)
-                    arms["routed"] = DecodeArm(routed, batch, args, top_k=k, impl=impl, compiled=compiled)
+                    for arm, model, kw in [("dense", dense, {}), ("ideal", ideals.get(ratio) if k < n else None, {}),
+                                           ("routed", routed, {"top_k": k, "impl": impl})]:  # fmt: skip
+                        if model is None:
+                            continue
+                        t0 = time.perf_counter()
+                        arms[arm] = DecodeArm(model, batch, args, compiled=compiled, **kw)
+                        setup[arm] = round(time.perf_counter() - t0, 1)  # capture (and compilation) seconds
+                    base["setup_seconds"] = setup
                     values = interleaved({a: (lambda arm=arm: arm.tok_s(args.steps)) for a, arm in arms.items()},
                                          args.repeats)  # fmt: skip
                     base["impl"] = arms["routed"].ran_name()  # what the timed steps ran, as recorded
@@ -354,38 +379,52 @@ def prefill_rows(name, dense, routed, ideals, args) -> list[dict]:
     return rows
 
 
-def generate_rows(name, routed, args, loop_rows) -> list[dict]:
-    """The user's path: fast_generate at k vs at k = N, same model, same call."""
+def generate_rows(name, routed, args, loop_rows, compiled=False) -> list[dict]:
+    """The user's path: fast_generate (with compile=`compiled`) at k vs at k = N, same model, same call."""
     n = routed.config.num_experts
     rows = []
-    for batch in args.batches:
-        for ratio in [r for r in args.ratios if r < 1][:1]:
+    batches, ratios = row_grid(args, compiled)
+    for batch in batches:
+        for ratio in [r for r in ratios if r < 1][:1]:
             k = max(1, round(ratio * n))
             prompt = torch.randint(0, routed.config.vocab_size, (batch, args.prompt), device=args.device)
-            base = {"model": name, "batch": batch, "k_over_n": k / n, "phase": "generate", "compiled": False,
+            base = {"model": name, "batch": batch, "k_over_n": k / n, "phase": "generate", "compiled": compiled,
                     "impl": "fast_generate", "new_tokens": args.steps}  # fmt: skip
+
+            def generate():
+                routed.fast_generate(prompt, args.steps, eos_token_id=[], compile=compiled)
 
             def timer(top_k):
                 def run():
                     routed.model.set_top_k(top_k)
-                    routed.fast_generate(prompt, args.steps, eos_token_id=[])  # same key: no capture when timed
+                    generate()  # a new k is a new key: this call captures (and compiles), the timed one replays
                     sync(args.device)
                     t0 = time.perf_counter()
-                    routed.fast_generate(prompt, args.steps, eos_token_id=[])
+                    generate()
                     sync(args.device)
                     return batch * args.steps / (time.perf_counter() - t0)
 
                 return run
 
             ran = Ran(routed)
-            with ran:  # the first call (untimed in every repeat) captures its graph: record what the steps run
-                routed.model.set_top_k(k)
-                routed.fast_generate(prompt, args.steps, eos_token_id=[])
+            routed.model.set_top_k(k)
+            try:
+                if compiled:  # no spy inside traced code: what the layers pick for a decode step, asked eagerly
+                    generate()
+                    ran.seen.add(impl_name(routed, batch, args.device))
+                else:
+                    with ran:  # the first call (untimed in every repeat) captures its graph: record what steps run
+                        generate()
+            except Exception as exc:  # recorded in the row, the run goes on
+                rows.append({**base, "error": error_text(exc)})
+                print_row(rows[-1])
+                routed.clear_fast_generate()
+                continue
             base["ran"] = sorted(ran.seen)
             row = make_row(base, interleaved({"dense": timer(n), "routed": timer(k)}, args.repeats))
             loop = [r["speedup"] for r in loop_rows if r.get("phase") == "decode" and r.get("batch") == batch
-                    and r.get("k_over_n") == k / n and r.get("routing_impl") != "mask" and not r.get("compiled")
-                    and r.get("speedup")]  # fmt: skip
+                    and r.get("k_over_n") == k / n and r.get("routing_impl") != "mask"
+                    and bool(r.get("compiled")) == compiled and r.get("speedup")]  # fmt: skip
             if loop and row.get("speedup"):
                 row["loop_speedup"] = loop[0]
                 # the issue's bar: the user's path keeps >= 90% of the loop's gain (a fraction only of a gain)
@@ -592,10 +631,11 @@ def model_rows(shape: str, args) -> list[dict]:
     ratios = [r for r in args.ratios if r < 1] if n_routed == n_layers else []
     ideals = {r: build_dense(narrower(dense.config, max(1, round(r * n)) / n), device, dtype) for r in ratios}
     rows = decode_rows(name, dense, routed, ideals, args, compiled=False)
-    if args.compile:
-        rows += decode_rows(name, dense, routed, ideals, args, compiled=True)
     rows += prefill_rows(name, dense, routed, ideals, args)
     rows += generate_rows(name, routed, args, rows)
+    if args.compile:
+        rows += decode_rows(name, dense, routed, ideals, args, compiled=True)
+        rows += generate_rows(name, routed, args, rows, compiled=True)
     for row in rows:
         row["routed_layers"] = f"{n_routed}/{n_layers}"
     return rows
@@ -613,6 +653,9 @@ def run(args, argv=None) -> dict:
     from routed_llama.hardware import hardware
     from routed_llama.io import command_line
 
+    if args.compile:  # every compiled arm (model, batch, k) is one more entry for the same forward code
+        cfg = torch._dynamo.config
+        setattr(cfg, "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit", 64)
     t0 = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

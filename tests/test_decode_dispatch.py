@@ -126,12 +126,13 @@ def test_routed_ffn_launches_the_measured_mode(impl, tokens, mode, launches, mon
 
 def test_captured_decode_step_runs_kernels_with_gradients_on(fake_cuda_graphs, kernel_calls, monkeypatch):
     """A GreedyDecodeStep built (and so captured) where gradients are enabled, as the benchmark's decode loop built
-    it, still runs the Triton kernels: the warm-up and the captured step each call them in every routed layer."""
+    it, still runs the Triton kernels: the two warm-up steps and the captured one each call them in every routed
+    layer."""
     as_on_h200(monkeypatch)
     model = tiny_routed_lm("auto")
     with torch.enable_grad():
         step = mrl.GreedyDecodeStep(model, batch=2, max_cache_len=32, cuda_graph=True)
-    assert kernel_calls == [2] * 3 * 2  # 3 routed layers, warm-up and capture, 2 tokens each
+    assert kernel_calls == [2] * 3 * 3  # 3 routed layers, 2 warm-ups and the capture, 2 tokens each
     assert isinstance(step.graph, FakeGraph)
 
 

@@ -292,6 +292,14 @@ MODEL_SCRIPT = textwrap.dedent(
             calls.clear()
             out[impl] = model.fast_generate(ids, max_new_tokens=4, eos_token_id=[]).tolist()
             out[impl + "_calls"] = list(calls)
+        # compile=True: the decode step traced whole (fullgraph: no graph break), the kernels as the custom op;
+        # aot_eager runs the traced graph without code generation (no C++ compiler needed)
+        compile_ = torch.compile
+        torch.compile = lambda m, **kw: compile_(m, backend="aot_eager", fullgraph=True, dynamic=False)
+        calls.clear()
+        out["compiled"] = model.fast_generate(ids, max_new_tokens=4, eos_token_id=[], compile=True).tolist()
+        out["compiled_calls"] = list(calls)
+        torch.compile = compile_
         results.append(dict(router=router, **out))
     print("MODEL " + json.dumps(results))
     """
@@ -309,6 +317,15 @@ def test_triton_path_generates_mask_tokens_in_interpreter(interpreted):
         assert r["sparse_calls"] == [10] * 3 + [2] * 3 * 3  # 3 routed layers: prefill (B * T), then 3 decode steps
         assert r["sparse"] == r["mask"], r["router"]
         assert len(r["mask"]) == 2 and len(r["mask"][0]) == 5 + 4
+
+
+def test_compiled_decode_step_runs_the_kernels_as_one_op_in_interpreter(interpreted):
+    """`fast_generate(compile=True)`: the decode step compiles as one graph (fullgraph, no break) in which the Triton
+    FFN is the custom op `routed_llama::routed_ffn`; it runs the kernels for every decode step and gives the mask
+    path's tokens (the prefill stays eager)."""
+    for r in interpreted["MODEL"]:
+        assert r["compiled_calls"] == [10] * 3 + [2] * 3 * 3
+        assert r["compiled"] == r["mask"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
