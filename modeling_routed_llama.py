@@ -550,7 +550,7 @@ def triton_routed_ffn(x, *, w_gate, w_up, w_down, row_cluster, top_k, centroids=
     inter = w_gate.shape[0]
     n = centroids.shape[0] if centroids is not None else offsets.numel() - 1
     mode = triton_mode(m, tiles)
-    t = {**TRITON_TILES[mode], **TRITON_OPTIONS, **tiles}
+    t = {**TRITON_OPTIONS, **TRITON_TILES[mode], **tiles}  # a mode may set its own ctas_per_sm
     block_m = 16 if mode == "dot" else triton.next_power_of_2(m)
     block_n = triton.next_power_of_2(n)
     x = x.contiguous()

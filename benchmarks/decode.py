@@ -73,6 +73,8 @@ def parse_args(argv=None):
                    "(default: --ratios)")  # fmt: skip
     p.add_argument("--mask-rows", action="store_true", help="also time the routed arm with routing_impl='mask'")
     p.add_argument("--tune", action="store_true", help="time alternative Triton tile sizes on the first shape's FFN")
+    p.add_argument("--apply-tuning", action="store_true",
+                   help="with --tune: the rows after the tuning run with the fastest tiles found (recorded)")
     p.add_argument("--only-ffn", action="store_true", help="only the FFN rows (and --tune): no whole-model rows")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
@@ -529,7 +531,7 @@ def ffn_rows(shape: str, args) -> list[dict]:
             x = torch.randn(tokens, hidden, device=device, dtype=dense[0].gate_proj.weight.dtype)
             fns = {"dense": cycle(dense, x), "ideal": cycle(ideal, x)}
             fns["mask"] = cycle([m.forward_mask for m in routed], x)
-            if runs_kernels:
+            if runs_kernels and tokens <= mrl.TRITON_MAX_TOKENS:  # more tokens: prefill, the kernels never run
                 for v in ffn_variants(tokens):
                     fns[f"{v['mode']}/{v['reduce']}"] = cycle([kernel_call(m, v) for m in routed], x)
             n_layers = len(dense)  # each timed call cycles through every layer: report per layer
@@ -573,34 +575,52 @@ def kernel_call(mlp, variant: dict):
     return lambda x: mrl.triton_routed_ffn(x, **kw)
 
 
+# Tile choices timed by --tune, per multiply mode: first the gate/up kernel's (with down's defaults), then down's
+# (with the fastest gate/up), a coordinate search rather than the full product.
+TUNE_GATE_UP = {
+    "gemv1": [dict(BLOCK_R=r, BLOCK_K=kk, warps_gu=w) for r in (2, 4, 8, 16) for kk in (256, 512, 1024)
+              for w in (2, 4, 8)],
+    "dot": [dict(BLOCK_R=r, BLOCK_K=kk, warps_gu=w) for r in (16, 32, 64) for kk in (64, 128, 256) for w in (4, 8)],
+}  # fmt: skip
+TUNE_DOWN = {
+    "gemv1": [dict(BLOCK_H=bh, BLOCK_C=bc, warps_d=w, ctas_per_sm=c)
+              for bh, bc in ((8, 512), (16, 256), (16, 512), (32, 128), (32, 256), (64, 128))
+              for w in (2, 4, 8) for c in (4, 8, 16)],
+    "dot": [dict(BLOCK_H=bh, BLOCK_C=bc, warps_d=w, ctas_per_sm=c) for bh, bc in ((16, 128), (32, 64), (32, 128),
+            (64, 64)) for w in (4, 8) for c in (4, 8, 16)],
+}  # fmt: skip
+
+
 def tune_rows(shape: str, args) -> list[dict]:
-    """Microseconds per FFN layer (k/N = 1/2) for alternative tile sizes of the 1-token and 4-token modes."""
+    """Microseconds per FFN layer (k/N = 1/2) for alternative tiles of the 1-token ("gemv1") and 4-token ("dot")
+    modes, gate/up's first, then down's; with --apply-tuning the fastest become TRITON_TILES for the rows after."""
     device = torch.device(args.device)
-    grid = {
-        "gemv1": [dict(BLOCK_R=r, BLOCK_K=kk, BLOCK_H=bh, BLOCK_C=bc) for r in (4, 8, 16) for kk in (256, 512, 1024)
-                  for bh, bc in ((16, 256), (32, 128), (8, 512))],
-        "dot": [dict(BLOCK_R=r, BLOCK_K=kk, BLOCK_H=bh, BLOCK_C=bc) for r in (16, 32, 64) for kk in (64, 128, 256)
-                for bh, bc in ((32, 128), (64, 64))],
-    }  # fmt: skip
     _, _, routed = ffn_layers(shape, args, 0.5)
     rows = []
-    for mode, tokens in (("gemv1", 1), ("dot", 4)):
+
+    def timed(mode, tokens, variant, stage):
         x = torch.randn(tokens, routed[0].hidden_size, device=device, dtype=routed[0].gate_proj.weight.dtype)
-        for tiles in grid[mode]:
-            for ctas in (4, 8, 16):
-                variant = {"mode": mode, "reduce": "split", "ctas_per_sm": ctas, **tiles}
-                row = {"tokens": tokens, **variant}
-                try:
-                    fn = cycle([kernel_call(m, variant) for m in routed], x)
-                    row["us"] = round(time_us(fn, args.ffn_reps, device, device.type == "cuda") / len(routed), 2)
-                except Exception as exc:
-                    row["error"] = error_text(exc)
-                rows.append(row)
-                print(row, flush=True)
-    for mode in grid:
-        timed = [r for r in rows if r["mode"] == mode and r.get("us")]
-        if timed:
-            print(f"fastest {mode}: {min(timed, key=lambda r: r['us'])}", flush=True)
+        row = {"tokens": tokens, "stage": stage, **variant}
+        try:
+            fn = cycle([kernel_call(m, variant) for m in routed], x)
+            row["us"] = min(round(time_us(fn, args.ffn_reps, device, device.type == "cuda") / len(routed), 2)
+                            for _ in range(2))  # fmt: skip
+        except Exception as exc:
+            row["error"] = error_text(exc)
+        rows.append(row)
+        print(row, flush=True)
+        return row
+
+    for mode, tokens in (("gemv1", 1), ("dot", 4)):
+        best = {"mode": mode, "reduce": "split", **mrl.TRITON_TILES[mode], **mrl.TRITON_OPTIONS}
+        for stage, grid in (("gate_up", TUNE_GATE_UP[mode]), ("down", TUNE_DOWN[mode])):
+            results = [timed(mode, tokens, {**best, **tiles}, stage) for tiles in grid]
+            fastest = min((r for r in results if r.get("us")), key=lambda r: r["us"], default=None)
+            if fastest is not None:
+                best = {k: fastest[k] for k in best}
+        print(f"fastest {mode}: {best}", flush=True)
+        if args.apply_tuning:  # a mode's own ctas_per_sm overrides TRITON_OPTIONS' (triton_routed_ffn)
+            mrl.TRITON_TILES[mode].update({k: v for k, v in best.items() if k not in ("mode", "reduce")})
     return rows
 
 
@@ -674,11 +694,11 @@ def run(args, argv=None) -> dict:
         "auto_triton_max_tokens": mrl.AUTO_TRITON_MAX_TOKENS,
         "rows": [],
     }
+    if args.tune and args.shapes:  # first: with --apply-tuning every row below runs the tiles found
+        doc["tuning"] = guarded(tune_rows, args.shapes[0], args.shapes[0], args)
+        write(doc, out, t0)
     if args.shapes and args.ffn_tokens:
         doc["rows"] += guarded(ffn_rows, args.shapes[0], args.shapes[0], args)
-        write(doc, out, t0)
-    if args.tune and args.shapes:
-        doc["tuning"] = guarded(tune_rows, args.shapes[0], args.shapes[0], args)
         write(doc, out, t0)
     for shape in [] if args.only_ffn else args.shapes + (["standin"] if args.standin else []):
         doc["rows"] += guarded(model_rows, shape, shape, args)

@@ -59,8 +59,11 @@ def compare_rows(folder: Path) -> list[dict]:
         n = len(runs[p.name])
         same = sum(1 for k, r in runs[p.name].items() if k in base and r["predictions"] == base[k]["predictions"]
                    and r["train_loss"] == base[k]["train_loss"])  # fmt: skip
+        # each pack's own training time (its runs share it): equal across the folders when the GPUs ran alike
+        packs = sorted({(r.get("device"), r["train_seconds"]) for r in runs[p.name].values()})
         rows.append({"folder": p.name, "gpus": int(p.name.split("-")[1].removesuffix("gpu")), "jobs": prov["jobs"],
                      "runs": n, "wall_seconds": prov["wall_seconds"],
+                     "pack_train_seconds": [t for _, t in packs],
                      "runs_per_hour": round(3600 * n / prov["wall_seconds"], 1), "identical_to_1gpu": same,
                      "command": prov["command"], "date": prov["date"]})  # fmt: skip
     one = next((r for r in rows if r["gpus"] == 1), None)
