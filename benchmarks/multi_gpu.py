@@ -21,6 +21,8 @@ from pathlib import Path
 
 from routed_llama.io import write_json
 
+from finetune.compare import run_files
+
 
 def gpus_of(result: dict) -> int:
     """World size of a run: its `world_size` field, else the GPU count in its hardware name ("NVIDIA H200 x2")."""
@@ -49,9 +51,14 @@ def data_parallel_rows(folder: Path) -> list[dict]:
     return rows
 
 
+def run_name(path: Path) -> str:
+    """runs/NAME/result.json or runs/NAME.json -> NAME."""
+    return path.parent.name if path.name == "result.json" else path.stem
+
+
 def compare_rows(folder: Path) -> list[dict]:
     found = sorted(folder.glob("compare-*gpu"))
-    runs = {p.name: {q.stem: json.loads(q.read_text()) for q in (p / "runs").glob("*.json")} for p in found}
+    runs = {p.name: {run_name(q): json.loads(q.read_text()) for q in run_files([p / "runs"])} for p in found}
     base = runs.get("compare-1gpu", {})
     rows = []
     for p in found:
@@ -59,11 +66,12 @@ def compare_rows(folder: Path) -> list[dict]:
         n = len(runs[p.name])
         same = sum(1 for k, r in runs[p.name].items() if k in base and r["predictions"] == base[k]["predictions"]
                    and r["train_loss"] == base[k]["train_loss"])  # fmt: skip
-        # each pack's own training time (its runs share it): equal across the folders when the GPUs ran alike
-        packs = sorted({(r.get("device"), r["train_seconds"]) for r in runs[p.name].values()})
+        # each pack's training time and whole time (loading, capture, evaluation; its runs share both): the first
+        # is equal across folders when the GPUs trained alike, the rest is host work
+        packs = sorted({(r.get("device"), r["train_seconds"], r.get("run_seconds")) for r in runs[p.name].values()})
         rows.append({"folder": p.name, "gpus": int(p.name.split("-")[1].removesuffix("gpu")), "jobs": prov["jobs"],
                      "runs": n, "wall_seconds": prov["wall_seconds"],
-                     "pack_train_seconds": [t for _, t in packs],
+                     "pack_train_seconds": [t for _, t, _ in packs], "pack_run_seconds": [w for _, _, w in packs],
                      "runs_per_hour": round(3600 * n / prov["wall_seconds"], 1), "identical_to_1gpu": same,
                      "command": prov["command"], "date": prov["date"]})  # fmt: skip
     one = next((r for r in rows if r["gpus"] == 1), None)

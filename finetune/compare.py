@@ -458,7 +458,9 @@ class CollectSettings:
                 raise UserError(f"--conversions wants ARM=PATH, got {c!r}")
 
 
-def _run_files(paths: list[str]) -> list[Path]:
+def run_files(paths: list[str]) -> list[Path]:
+    """The run result files among `paths`: files as given; in a folder, every result.json below it (a compare's
+    runs/ holds one folder per run), else its *.json files (a folder of run files, the older layout)."""
     files = []
     for p in map(Path, paths):
         if p.is_file():
@@ -500,7 +502,7 @@ def collect(settings: CollectSettings) -> dict:
     out = Path(settings.output)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not settings.overwrite:
         raise UserError(f"{out} exists and is not empty; pass --overwrite to replace it")
-    results = [_read_run(f) for f in _run_files(settings.results)]
+    results = [_read_run(f) for f in run_files(settings.results)]
     if not results:
         raise UserError("no run results found")
     by_arm: dict[str, list[dict]] = {}
