@@ -66,7 +66,8 @@ if wants decode && [ ! -f "$OUT/decode/decode.json" ]; then
   step "decode -> $OUT/decode"
   mkdir -p "$OUT/decode"
   run check-gpu "$PY" benchmarks/check_gpu.py --out "$OUT/decode/check_gpu.json"
-  run decode "$PY" benchmarks/decode.py --shapes tinyllama llama7b --batches 1 4 --ratios 0.25 0.5 1 --out "$OUT/decode"
+  run decode "$PY" benchmarks/decode.py --shapes tinyllama llama7b --batches 1 4 --ratios 0.25 0.5 1 --ffn-tokens 1 4 512 \
+    --compile --compile-batches 1 --out "$OUT/decode"  # compiled rows: ~1 min of compiling per (model, k)
 fi
 
 # results/decode-standin: decode speed of the base itself (real weights)
@@ -155,8 +156,8 @@ if wants multi-gpu && [ "$NGPU" -ge 2 ] && [ ! -f "$OUT/multi-gpu/summary.json" 
   for g in 1 "$NGPU"; do
     devices=0; [ "$g" = 1 ] || devices=$ALL
     CUDA_VISIBLE_DEVICES=$devices run "compare-${g}gpu" "$PY" -m finetune compare --model "$BASE" --task rte \
-      --data-dir "$GLUE" --lr 5e-4 --seeds 0 1 2 3 4 5 6 7 --arm "name=routed-last8,checkpoint=$CK/routed-last8" \
-      --engine fast --jobs $((2 * g)) --group 4 --output "$MG/compare-${g}gpu" --overwrite
+      --data-dir "$GLUE" --lr 5e-4 --seeds $(seq -s " " 0 15) --arm "name=routed-last8,checkpoint=$CK/routed-last8" \
+      --engine fast --jobs "$g" --group 8 --output "$MG/compare-${g}gpu" --overwrite
   done
   run multi-gpu-summary "$PY" benchmarks/multi_gpu.py "$MG"
 fi
