@@ -66,11 +66,11 @@ TRITON_MAX_TOKENS = 16
 
 # "auto" runs the Triton kernels for up to this many tokens on CUDA devices of compute capability >= 8.0, and the
 # mask reference otherwise (prefill, training, CPU); 0 turns them off. Chosen by what was measured
-# (results/decode/decode.json, H200, bf16, Llama-7B FFN alone, time per layer against mask, the alternative that
-# computes the same function): 1 token, "gemv1" kernel: 1.55x dense at k/N 1/2 and 2.20x at 1/4, mask 0.75x and
-# 0.74x; 4 tokens, "dot" kernel (`triton_mode`): 0.83x dense at k/N 1/2 and 0.99x at 1/4, mask 0.71x at both, so
-# the kernels beat the reference though not dense. 2, 3 and 5-8 tokens were not measured and above 8 mask runs
-# (prefill of 512 tokens measured mask only). Only the H200 (capability 9.0) was measured; other devices of
+# (results/decode-compiled/decode.json, H200, bf16, Llama-7B FFN alone with the tuned TRITON_TILES, time per layer
+# against mask, the alternative that computes the same function): 1 token, "gemv1" kernel: 1.71x dense at k/N 1/2
+# and 2.48x at 1/4, mask 0.77x and 0.75x; 4 tokens, "dot" kernel (`triton_mode`): 0.98x dense at k/N 1/2 and 1.15x
+# at 1/4, mask 0.72x at both, so the kernels beat the reference. 2, 3 and 5-8 tokens were not measured and above 8
+# mask runs (512 tokens: mask 0.84x dense, kernels not run). Only the H200 (capability 9.0) was measured; other devices of
 # capability >= 8.0 take the same choice unmeasured.
 AUTO_TRITON_MAX_TOKENS = 8
 AUTO_MIN_CAPABILITY = (8, 0)
@@ -315,15 +315,18 @@ class RoutedLlamaMLP(nn.Module):
 # tokens padded to 16 rows).
 # ---------------------------------------------------------------------------------------------------------------
 
-# Per mode: tile sizes and warps of the gate/up ("_gu") and down ("_d") kernels. Chosen by reasoning, not measured:
-# `benchmarks/decode.py --tune` times alternatives on the GPU (into decode.json's "tuning"; not run so far).
+# Per mode: tile sizes and warps of the gate/up ("_gu") and down ("_d") kernels, and (gemv1, dot) programs per SM of
+# down. gemv1 and dot as measured fastest by `benchmarks/decode.py --tune` (H200, bf16, Llama-7B FFN, k/N 1/2; a
+# coordinate search, gate/up first: results/decode-compiled/decode.json "tuning"): gemv1 48.4 us per layer against
+# 51.6 us for the earlier reasoned choice (BLOCK_R 8, BLOCK_K 512, 4 warps; BLOCK_H 16, BLOCK_C 256, 4 warps, 8 per
+# SM), dot (4 tokens) 86.4 us against 96.5 us (BLOCK_H 32, BLOCK_C 128, 8 per SM). "gemv" is not tuned (never chosen).
 TRITON_TILES = {
-    "gemv1": {"BLOCK_R": 8, "BLOCK_K": 512, "warps_gu": 4, "BLOCK_H": 16, "BLOCK_C": 256, "warps_d": 4},
+    "gemv1": {"BLOCK_R": 2, "BLOCK_K": 512, "warps_gu": 2, "BLOCK_H": 32, "BLOCK_C": 128, "warps_d": 2, "ctas_per_sm": 4},
     "gemv": {"BLOCK_R": 8, "BLOCK_K": 256, "warps_gu": 4, "BLOCK_H": 16, "BLOCK_C": 128, "warps_d": 4},
-    "dot": {"BLOCK_R": 32, "BLOCK_K": 128, "warps_gu": 4, "BLOCK_H": 32, "BLOCK_C": 128, "warps_d": 4},
+    "dot": {"BLOCK_R": 32, "BLOCK_K": 128, "warps_gu": 4, "BLOCK_H": 64, "BLOCK_C": 64, "warps_d": 4, "ctas_per_sm": 4},
 }
 # How down's fp32 partial sums are reduced ("split": deterministic; "atomic": atomic adds) and how many programs per
-# SM down aims for.
+# SM down aims for (unless the mode sets its own).
 TRITON_OPTIONS = {"reduce": "split", "ctas_per_sm": 8}
 _MODES = {"gemv1": 0, "gemv": 1, "dot": 2}
 
@@ -527,10 +530,10 @@ def triton_mode(tokens: int, tiles: dict | None = None) -> str:
     """The multiply mode for this many tokens: "gemv1" for one token, "dot" for more; `tiles["mode"]` overrides it
     (also to "gemv", which is never the default).
 
-    Chosen by measured speed (results/decode/decode.json, H200, bf16, Llama-7B FFN alone, split reduction): for 1
-    token "gemv1" took 51.7 us at k/N 1/2 against dense 80.0 us and mask 106.5 us; for 4 tokens "dot" took 97.2 us
-    against "gemv" 359.0 us (dense 80.4 us, mask 113.5 us). 2, 3 and 5-16 tokens were not measured: they take "dot",
-    the faster mode at 4.
+    Chosen by measured speed (results/decode-compiled/decode.json, H200, bf16, Llama-7B FFN alone, split reduction,
+    tuned tiles): for 1 token "gemv1" took 49.0 us at k/N 1/2 against dense 83.9 us and mask 109.5 us; for 4 tokens
+    "dot" took 86.5 us against "gemv" 358.9 us (dense 85.0 us, mask 117.8 us). 2, 3 and 5-16 tokens were not
+    measured: they take "dot", the faster mode at 4.
     """
     if tiles and "mode" in tiles:
         return tiles["mode"]

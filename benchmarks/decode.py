@@ -693,17 +693,28 @@ def run(args, argv=None) -> dict:
         "triton_options": mrl.TRITON_OPTIONS,
         "auto_triton_max_tokens": mrl.AUTO_TRITON_MAX_TOKENS,
         "rows": [],
+        "rows_in_progress": [],  # the finished rows of the step under way (moved to "rows" when it ends)
     }
+
+    def on_row(row):
+        doc["rows_in_progress"].append(row)
+        write(doc, out, t0)
+
+    global ON_ROW
+    ON_ROW = on_row
     if args.tune and args.shapes:  # first: with --apply-tuning every row below runs the tiles found
         doc["tuning"] = guarded(tune_rows, args.shapes[0], args.shapes[0], args)
         write(doc, out, t0)
     if args.shapes and args.ffn_tokens:
         doc["rows"] += guarded(ffn_rows, args.shapes[0], args.shapes[0], args)
+        doc["rows_in_progress"] = []
         write(doc, out, t0)
     for shape in [] if args.only_ffn else args.shapes + (["standin"] if args.standin else []):
         doc["rows"] += guarded(model_rows, shape, shape, args)
+        doc["rows_in_progress"] = []
         free(args.device)
         write(doc, out, t0)
+    ON_ROW = None
     print_table(doc["rows"])
     return doc
 
@@ -719,7 +730,14 @@ def write(doc: dict, out: Path, t0: float):
         error_text(exc)
 
 
+# Called with every finished row (set by `run`): the rows of a model in progress are written as they come, so a run
+# stopped by a timeout keeps what it measured.
+ON_ROW = None
+
+
 def print_row(r: dict):
+    if ON_ROW is not None:
+        ON_ROW(r)
     if "error" in r:
         print(f"{r.get('model')} {r.get('phase')} b={r.get('batch')} k/N={r.get('k_over_n')}: ERROR {r['error']}")
         return

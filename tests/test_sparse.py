@@ -210,12 +210,15 @@ TRITON_SCRIPT = textwrap.dedent(
     # (mode, tokens, reduce, k): every mode, 1-8 tokens, both reductions
     cases = [("gemv1", 1, "split", 3), ("gemv1", 1, "atomic", 1), ("gemv", 2, "split", 3), ("gemv", 4, "atomic", 3),
              ("dot", 5, "split", 3), ("dot", 8, "atomic", 3), ("dot", 8, "split", 1)]
+    # and the shipped default tiles of the two modes "auto" runs (TRITON_TILES, tuned on the H200)
+    defaults = [("gemv1", 1, "split", 3), ("dot", 4, "split", 3)]
     results = []
     for router in ("centroid", "activation"):
         for dtype in (torch.float32, torch.bfloat16):
             mlp = routed_ffn(router, 3).to(dtype)  # N = 6 uneven clusters
             ref_mlp = routed_ffn(router, 3).to(dtype).float()  # the same rounded weights, computed in fp32
-            for mode, m, reduce, k in cases:
+            for mode, m, reduce, k in cases + [(mode, m, "default", k) for mode, m, _, k in defaults]:
+                tiles = {"mode": mode} if reduce == "default" else {**small, "mode": mode, "reduce": reduce}
                 for layer in (mlp, ref_mlp):
                     layer.router.top_k = k
                 x = torch.randn(m, 48).to(dtype)  # (M, H)
@@ -225,7 +228,7 @@ TRITON_SCRIPT = textwrap.dedent(
                         x, w_gate=mlp.gate_proj.weight, w_up=mlp.up_proj.weight, w_down=mlp.down_proj.weight,
                         row_cluster=mlp.router.row_cluster(100), top_k=k, offsets=mlp.router.expert_offsets,
                         centroids=mlp.router.centroids if router == "centroid" else None,
-                        tiles={**small, "mode": mode, "reduce": reduce},
+                        tiles=tiles,
                     )
                 results.append(dict(router=router, dtype=str(dtype).split(".")[1], mode=mode, m=m, k=k, reduce=reduce,
                                     shape=list(out.shape), out_dtype=str(out.dtype),
@@ -260,9 +263,9 @@ def interpreted(tmp_path_factory) -> dict:
 def test_triton_kernels_equal_forward_mask_in_interpreter(interpreted):
     """triton_routed_ffn equals forward_mask for N = 6 uneven clusters (sizes 1 to 25), H = 48 and I = 100 (not
     multiples of the tiles), both routers, fp32 and bf16, every multiply mode with 1-8 tokens, both reductions and
-    k in {1, 3}; tolerances in TRITON_TOL."""
+    k in {1, 3}, and the default tiles of "gemv1" and "dot"; tolerances in TRITON_TOL."""
     results = interpreted["KERNELS"]
-    assert len(results) == 2 * 2 * 7
+    assert len(results) == 2 * 2 * (7 + 2)
     for r in results:
         assert r["shape"] == [r["m"], 48] and r["out_dtype"] == f"torch.{r['dtype']}"
         assert r["err"] <= TRITON_TOL[r["dtype"]], r
@@ -454,6 +457,25 @@ def test_decode_benchmark_rows_and_a_failing_arm(tmp_path, monkeypatch):
     assert ok["impl"] == "dense (k = N)" and ok["repeats"] == 2 and ok["min"] <= ok["median"] <= ok["max"]
     assert ok["speedup"] == pytest.approx(ok["routed_tok_s"] / ok["dense_tok_s"], rel=1e-2)  # of rounded medians
     assert (tmp_path / "speedup.png").stat().st_size > 0
+
+
+def test_decode_benchmark_keeps_the_rows_of_a_run_stopped_midway(tmp_path, monkeypatch):
+    """A run stopped during a model's rows (as by a timeout: here the prefill rows raise out of the process) leaves
+    decode.json holding that model's finished rows under "rows_in_progress"."""
+    decode = load_script("decode")
+
+    def stop(*a):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(decode, "prefill_rows", stop)
+    argv = ["--device", "cpu", "--shapes", "tiny", "--steps", "2", "--repeats", "1", "--prefill", "8", "--batches", "1",
+            "--ratios", "0.5", "1.0", "--ffn-tokens", "--out", str(tmp_path)]  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        decode.main(argv)
+    decode.ON_ROW = None
+    doc = json.loads((tmp_path / "decode.json").read_text())
+    assert doc["rows"] == []
+    assert [(r["phase"], r["k_over_n"]) for r in doc["rows_in_progress"]] == [("decode", 0.5), ("decode", 1.0)]
 
 
 def test_decode_benchmark_row_arithmetic():
