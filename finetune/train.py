@@ -72,9 +72,12 @@ class Setup:
 
 def prepare_group(cfgs: list[RunConfig], task: tasks.Task) -> list[Setup]:
     """Runs of one model and recipe (`check_group`): the base is loaded (fp32, CPU) and the splits encoded once;
-    each run gets its own copy of the base, seeded head and LoRA init, wrapped with PEFT, as if prepared alone.
-    With precision "bf16-base" each run's frozen base is then stored in bf16 (packing keeps run 0's base as the
-    packed model's and stacks the fp32 trainable tensors; the Trainer trains the model as it is)."""
+    each run gets its own copy of the model, seeded head and LoRA init, wrapped with PEFT, as if prepared alone. The
+    copies share the base's weight and buffer tensors (all but the head's, which each run re-initialises): runs
+    trained together never change them (PEFT freezes them; a pack trains on run 0's), so K copies of a 135M-parameter
+    base would only cost K times its memory and copying time. With precision "bf16-base" the frozen base is then
+    stored in bf16 (packing keeps run 0's base as the packed model's and stacks the fp32 trainable tensors; the
+    Trainer trains the model as it is)."""
     import copy
 
     from peft import get_peft_model
@@ -90,15 +93,18 @@ def prepare_group(cfgs: list[RunConfig], task: tasks.Task) -> list[Setup]:
     fingerprint = models.base_fingerprint(base)
     train_ds = data.encode(task, train_rows, tokenizer, cfg0.max_length)
     eval_ds, eval_order = data.by_length(data.encode(task, eval_rows, tokenizer, cfg0.max_length))
+    head = {id(p) for p in base.score.parameters()}
+    shared = {id(t): t for t in [*base.parameters(), *base.buffers()] if id(t) not in head}
     setups = []
     for i, cfg in enumerate(cfgs):
-        model = base if i == len(cfgs) - 1 else copy.deepcopy(base)
+        model = base if i == len(cfgs) - 1 else copy.deepcopy(base, memo=dict(shared))
         models.init_score(model, cfg.seed)
         set_seed(cfg.seed)  # LoRA A matrices are drawn here: same seed, same init in both arms
         model = get_peft_model(model, lora_config(cfg))
-        if cfg.precision == "bf16-base":  # once wrapped: requires_grad now tells the frozen base from what trains
-            models.cast_frozen(model, torch.bfloat16)
         setups.append(Setup(model, tokenizer, train_ds, eval_ds, eval_order, routed, fingerprint))
+    if cfg0.precision == "bf16-base":  # once all are wrapped: requires_grad now tells the frozen base from what
+        for s in setups:  # trains, and no run's LoRA was created over an already-cast (shared) base layer
+            models.cast_frozen(s.model, torch.bfloat16)
     return setups
 
 

@@ -231,6 +231,33 @@ def test_runs_trained_together_equal_runs_alone(tiny_tok_dir, tmp_path):
         train.run_group([cfg, replace(cfg, seed=1, lr=2e-3)])
 
 
+def test_runs_prepared_together_share_the_frozen_base_not_what_trains(tiny_tok_dir, tmp_path):
+    """prepare_group gives each run its own PEFT model whose frozen base tensors are the same tensors as every other
+    run's (one base in memory, not K), while heads and LoRA matrices are each run's own, equal to a run prepared
+    alone."""
+    from dataclasses import replace
+
+    from finetune import train
+
+    glue = _tiny_glue(tmp_path / "glue", n_train=8, n_dev=8)
+    cfg = RunConfig(task="rte", model=str(tiny_tok_dir), data_dir=str(glue), max_length=64, buckets=[32, 64])
+    setups = train.prepare_group([replace(cfg, seed=s) for s in (0, 1, 2)], tasks.get_task("rte"))
+    params = [dict(s.model.named_parameters()) for s in setups]
+    assert params[0].keys() == params[1].keys() == params[2].keys()
+    for name, p in params[0].items():
+        others = [ps[name] for ps in params[1:]]
+        if p.requires_grad:  # LoRA and the head: separate tensors; drawn from each seed (LoRA B starts at zero)
+            assert all(o.data_ptr() != p.data_ptr() for o in others), name
+            assert "lora_B" in name or not any(torch.equal(o, p) for o in others), name
+        elif ".score." in name:  # the frozen original of each run's head (PEFT's modules_to_save): its own seed
+            assert all(o.data_ptr() != p.data_ptr() for o in others), name
+        else:
+            assert all(o is p for o in others), name
+    alone = train.prepare_group([replace(cfg, seed=2)], tasks.get_task("rte"))[0]
+    for name, p in alone.model.named_parameters():
+        torch.testing.assert_close(params[2][name], p, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("regression", [False, True])
 def test_packed_steps_equal_separate_steps(regression):
     """Two runs packed into one model (per-run clipping active, batches of different bucket lengths) follow the
