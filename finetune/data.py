@@ -113,18 +113,18 @@ def collate(items: list[dict], indices: np.ndarray, batch_size: int, buckets: li
     """Pad the examples `indices` of `items` to (batch_size, bucket) tensors on the CPU."""
     rows = [items[i] for i in indices]
     length = bucket_of(max(len(r["input_ids"]) for r in rows), buckets)
-    ids = torch.full((batch_size, length), pad_id, dtype=torch.long)  # (B, L)
-    mask = torch.zeros((batch_size, length), dtype=torch.long)  # (B, L)
-    labels = torch.zeros(batch_size, dtype=torch.float32 if regression else torch.long)  # (B,)
-    weight = torch.zeros(batch_size, dtype=torch.float32)  # (B,)
-    for j in range(batch_size):
-        r = rows[j] if j < len(rows) else rows[0]
+    # filled in numpy, one tensor each at the end: a pack's plan is thousands of batches, built before training
+    ids = np.full((batch_size, length), pad_id, dtype=np.int64)  # (B, L)
+    mask = np.zeros((batch_size, length), dtype=np.int64)  # (B, L)
+    filled = rows + [rows[0]] * (batch_size - len(rows))  # weight-0 copies of the first row fill a short batch
+    for j, r in enumerate(filled):
         n = len(r["input_ids"])
-        ids[j, :n] = torch.tensor(r["input_ids"])
+        ids[j, :n] = r["input_ids"]
         mask[j, :n] = 1
-        labels[j] = r["labels"]
-        weight[j] = 1.0 if j < len(rows) else 0.0
-    return Batch(ids, mask, labels, weight, len(rows))
+    labels = torch.tensor([r["labels"] for r in filled], dtype=torch.float32 if regression else torch.long)  # (B,)
+    weight = torch.zeros(batch_size, dtype=torch.float32)  # (B,)
+    weight[: len(rows)] = 1.0
+    return Batch(torch.from_numpy(ids), torch.from_numpy(mask), labels, weight, len(rows))
 
 
 def concat(batches: list[Batch], pad_id: int) -> Batch:
