@@ -70,8 +70,8 @@ TRITON_MAX_TOKENS = 16
 # against mask, the alternative that computes the same function): 1 token, "gemv1" kernel: 1.71x dense at k/N 1/2
 # and 2.48x at 1/4, mask 0.77x and 0.75x; 4 tokens, "dot" kernel (`triton_mode`): 0.98x dense at k/N 1/2 and 1.15x
 # at 1/4, mask 0.72x at both, so the kernels beat the reference. 2, 3 and 5-8 tokens were not measured and above 8
-# mask runs (512 tokens: mask 0.84x dense, kernels not run). Only the H200 (capability 9.0) was measured; other devices of
-# capability >= 8.0 take the same choice unmeasured.
+# mask runs (512 tokens: mask 0.84x dense, kernels not run). Only the H200 (capability 9.0) was measured; other
+# devices of capability >= 8.0 take the same choice unmeasured.
 AUTO_TRITON_MAX_TOKENS = 8
 AUTO_MIN_CAPABILITY = (8, 0)
 
@@ -321,7 +321,8 @@ class RoutedLlamaMLP(nn.Module):
 # 51.6 us for the earlier reasoned choice (BLOCK_R 8, BLOCK_K 512, 4 warps; BLOCK_H 16, BLOCK_C 256, 4 warps, 8 per
 # SM), dot (4 tokens) 86.4 us against 96.5 us (BLOCK_H 32, BLOCK_C 128, 8 per SM). "gemv" is not tuned (never chosen).
 TRITON_TILES = {
-    "gemv1": {"BLOCK_R": 2, "BLOCK_K": 512, "warps_gu": 2, "BLOCK_H": 32, "BLOCK_C": 128, "warps_d": 2, "ctas_per_sm": 4},
+    "gemv1": {"BLOCK_R": 2, "BLOCK_K": 512, "warps_gu": 2, "BLOCK_H": 32, "BLOCK_C": 128, "warps_d": 2,
+              "ctas_per_sm": 4},
     "gemv": {"BLOCK_R": 8, "BLOCK_K": 256, "warps_gu": 4, "BLOCK_H": 16, "BLOCK_C": 128, "warps_d": 4},
     "dot": {"BLOCK_R": 32, "BLOCK_K": 128, "warps_gu": 4, "BLOCK_H": 64, "BLOCK_C": 64, "warps_d": 4, "ctas_per_sm": 4},
 }
