@@ -478,6 +478,20 @@ def test_decode_benchmark_keeps_the_rows_of_a_run_stopped_midway(tmp_path, monke
     assert [(r["phase"], r["k_over_n"]) for r in doc["rows_in_progress"]] == [("decode", 0.5), ("decode", 1.0)]
 
 
+def test_step_peak_counts_what_a_training_step_holds():
+    """saved_activations.peak_bytes: the peak of one training step grows with the batch, and exceeds what autograd
+    saves for the backward (the step also holds transients and the gradients)."""
+    from transformers import LlamaForSequenceClassification
+
+    bench = load_script("saved_activations")
+    torch.manual_seed(0)
+    model = bench.peft_classifier(LlamaForSequenceClassification(tiny_llama_config(num_labels=2)))
+    small, large = torch.randint(3, 128, (2, 8)), torch.randint(3, 128, (8, 32))
+    peak_small, peak_large = bench.peak_bytes(model, small), bench.peak_bytes(model, large)
+    assert 0 < peak_small < peak_large
+    assert peak_large > bench.saved_bytes(model, large)[0]
+
+
 def test_decode_benchmark_row_arithmetic():
     """make_row: medians per arm, speedup = routed / dense for tok/s and dense / routed for microseconds."""
     decode = load_script("decode")
