@@ -26,7 +26,7 @@ from routed_llama.errors import UserError
 from routed_llama.io import command_line, write_file, write_json, write_text
 
 from .config import RunConfig
-from .runner import RESULT_KEYS, check_count, check_jobs, config_record, read_json_strict, resolve_jobs, run_many
+from .runner import RESULT_KEYS, check_count, config_record, read_json_strict, resolve_jobs, run_many
 
 FORMAT_VERSION = 2
 PLAN_FILE = "compare.json"  # the comparison's settings, written first: what --resume checks against
@@ -132,7 +132,7 @@ class CompareSettings:
         if not 0 < self.lr_holdout < 1:
             raise UserError(f"lr_holdout must be in (0, 1), got {self.lr_holdout}")
         if self.jobs is not None:
-            check_jobs(self.jobs)
+            check_count("jobs", self.jobs)
         check_count("group", self.group)
         if not self.output:
             raise UserError("need an output folder")
@@ -452,7 +452,7 @@ class CollectSettings:
         if not self.results:
             raise UserError("no run results given")
         if self.jobs is not None:
-            check_jobs(self.jobs)
+            check_count("jobs", self.jobs)
         for c in self.conversions:
             if "=" not in c:
                 raise UserError(f"--conversions wants ARM=PATH, got {c!r}")

@@ -60,13 +60,13 @@ def resolve_jobs(jobs: int | None) -> int:
     """`jobs` checked, or when None the default: one worker per visible GPU, 1 without a GPU. With packed runs
     (`group`) one worker fills its GPU: on an H200 two packs sharing one GPU took as long as one after the other
     (2026-11-29)."""
-    return check_jobs(jobs) if jobs is not None else max(1, len(visible_devices()))
+    return check_count("jobs", jobs) if jobs is not None else max(1, len(visible_devices()))
 
 
 def place_workers(jobs: int, devices: Sequence[str]) -> list[str | None]:
     """The device of each of `jobs` workers: round-robin over `devices` (worker w on devices[w % G]); None (the
     CPU) for every worker when there is no device."""
-    check_jobs(jobs)
+    check_count("jobs", jobs)
     if not devices:
         return [None] * jobs
     return [devices[w % len(devices)] for w in range(jobs)]
@@ -84,10 +84,6 @@ def check_count(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise UserError(f"{name} must be an integer >= 1, got {value!r}")
     return value
-
-
-def check_jobs(jobs) -> int:
-    return check_count("jobs", jobs)
 
 
 # --- results on disk --------------------------------------------------------------------------------------------------
@@ -301,7 +297,7 @@ def run_many(configs: list[RunConfig], run_dirs: list[Path], jobs: int, resume: 
     With `resume`, a run whose folder holds a complete result.json of the same config is kept (and read back), a
     folder without one (an interrupted run) is cleared and redone. `devices` (default: `visible_devices()`) are the
     GPUs the workers are placed on; `threads` (default `cpu_threads(jobs)`) the intra-op threads of each worker."""
-    check_jobs(jobs)
+    check_count("jobs", jobs)
     if len(configs) != len(run_dirs):
         raise ValueError(f"{len(configs)} configs but {len(run_dirs)} run folders")
     if len({Path(d).resolve() for d in run_dirs}) != len(run_dirs):
