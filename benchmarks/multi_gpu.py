@@ -22,6 +22,7 @@ from pathlib import Path
 from routed_llama.io import write_json
 
 from finetune.compare import run_files
+from finetune.runner import read_json_strict
 
 
 def gpus_of(result: dict) -> int:
@@ -51,14 +52,9 @@ def data_parallel_rows(folder: Path) -> list[dict]:
     return rows
 
 
-def run_name(path: Path) -> str:
-    """runs/NAME/result.json or runs/NAME.json -> NAME."""
-    return path.parent.name if path.name == "result.json" else path.stem
-
-
 def compare_rows(folder: Path) -> list[dict]:
     found = sorted(folder.glob("compare-*gpu"))
-    runs = {p.name: {run_name(q): json.loads(q.read_text()) for q in run_files([p / "runs"])} for p in found}
+    runs = {p.name: {(r["arm"], r["seed"]): r for r in map(read_json_strict, run_files([p / "runs"]))} for p in found}
     base = runs.get("compare-1gpu", {})
     rows = []
     for p in found:
