@@ -28,7 +28,6 @@ k-means clusters are used, or a dense folder / GGUF file, split equally).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import sys
 import time
@@ -175,10 +174,14 @@ def cuda_graphs(device) -> bool:
 class Ran:
     """What the routed layers of `model` run while this context is active: the set of `pick_impl` answers, with the
     Triton multiply mode ("triton/gemv1", "triton/dot", "mask", ...). On CUDA a decode step's Python runs only while
-    its graph is captured, so this is recorded there, not inferred from a separate call."""
+    its graph is captured, so this is recorded there, not inferred from a separate call. For a compiled step
+    (`compiled_for` = (tokens, device)) a spy inside the traced code would be compiled into the step: the layers are
+    asked eagerly instead, on exit (`impl_name`)."""
 
-    def __init__(self, model):
-        self.mlps = list(model.model.routed_mlps().values()) if hasattr(model.model, "routed_mlps") else []
+    def __init__(self, model, compiled_for: tuple[int, str] | None = None):
+        self.model, self.compiled_for = model, compiled_for
+        spied = hasattr(model.model, "routed_mlps") and compiled_for is None
+        self.mlps = list(model.model.routed_mlps().values()) if spied else []
         self.seen = set()
 
     def __enter__(self):
@@ -195,6 +198,8 @@ class Ran:
     def __exit__(self, *exc):
         for mlp in self.mlps:
             del mlp.pick_impl
+        if self.compiled_for is not None:
+            self.seen.add(impl_name(self.model, *self.compiled_for))
 
 
 class DecodeArm:
@@ -206,14 +211,9 @@ class DecodeArm:
         self.apply()
         cache_len = args.prompt + args.steps + 16
         graph = cuda_graphs(args.device)
-        self.compiled = compiled
-        self.ran = Ran(model)
-        if compiled:  # a spy inside traced code would be compiled into the step: ask the layers eagerly instead
-            self.step = mrl.GreedyDecodeStep(model, batch, cache_len, cuda_graph=graph, compile=True)
-            self.ran.seen.add(impl_name(model, batch, args.device))
-        else:
-            with self.ran:  # the capture (on CUDA) runs the step's Python once
-                self.step = mrl.GreedyDecodeStep(model, batch, cache_len, cuda_graph=graph)
+        self.ran = Ran(model, (batch, args.device) if compiled else None)
+        with self.ran:  # the capture (on CUDA) runs the step's Python once
+            self.step = mrl.GreedyDecodeStep(model, batch, cache_len, cuda_graph=graph, compile=compiled)
         g = torch.Generator().manual_seed(batch)
         self.prompt = torch.randint(0, model.config.vocab_size, (batch, args.prompt), generator=g).to(args.device)
 
@@ -232,8 +232,8 @@ class DecodeArm:
         self.apply()
         self.step.reset()
         first = self.step.forward(self.prompt).argmax(-1)  # prefill (not a decode step: not recorded)
-        with contextlib.nullcontext() if self.compiled else self.ran:  # one untimed step: eager without a graph,
-            tokens = self.step(first)  # a replay (no Python) with one
+        with self.ran:  # one untimed step: eager without a graph, a replay (no Python) with one
+            tokens = self.step(first)
         sync(self.prompt.device)
         t0 = time.perf_counter()
         for _ in range(steps):
@@ -408,15 +408,11 @@ def generate_rows(name, routed, args, loop_rows, compiled=False) -> list[dict]:
 
                 return run
 
-            ran = Ran(routed)
+            ran = Ran(routed, (batch, args.device) if compiled else None)
             routed.model.set_top_k(k)
             try:
-                if compiled:  # no spy inside traced code: what the layers pick for a decode step, asked eagerly
+                with ran:  # the first call (untimed in every repeat) captures its graph: record what the steps run
                     generate()
-                    ran.seen.add(impl_name(routed, batch, args.device))
-                else:
-                    with ran:  # the first call (untimed in every repeat) captures its graph: record what steps run
-                        generate()
             except Exception as exc:  # recorded in the row, the run goes on
                 rows.append({**base, "error": error_text(exc)})
                 print_row(rows[-1])
