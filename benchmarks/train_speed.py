@@ -4,11 +4,15 @@
         --data-dir GLUE --task rte --epochs 5 --jobs 1 4 8 --output results/train-speed
 
 Rows {arm, mode, jobs, epochs, train_seconds, run_seconds, tokens_per_s, peak_gpu_mem_bytes, runs_per_gpu_hour,
-final, precision}: `mode` is the engine ("fast": one CUDA graph per step; "trainer": transformers.Trainer, eager);
+final, precision, compile}: `mode` is the engine ("fast": one CUDA graph per step; "fast+compile": the same with
+every decoder layer under torch.compile, `--compile`; "trainer": transformers.Trainer, eager);
 `jobs` is how many runs (seeds 0..jobs-1 of one arm) train together in one process, packed into one model
 (finetune/packed.py; `--group` of compare and sweep); `runs_per_gpu_hour` = 3600 * jobs / run_seconds, where run_seconds is the whole call (loading, tokenising,
 capturing, training, evaluating); `precision` is the runs' resolved precision (`--precision`, e.g. bf16-base: a frozen
-base stored in bf16, timed beside bf16 rows). Writes train_speed.json and runs_per_gpu_hour.png to --output.
+base stored in bf16, timed beside bf16 rows). All rows run in one process, in order (solo rows, then --jobs, then
+the trainer): with --compile the first row of a layer class and pack size pays the compilation (its run_seconds),
+later rows reuse the compiled code as a `compare` worker does from its second pack on; repeat a --jobs value
+(`--jobs 8 8`) to see both. Writes train_speed.json and runs_per_gpu_hour.png to --output.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ def row(arm: str, mode: str, results: list[dict], wall: float) -> dict:
         "tokens_per_s": round(sum(x["train_tokens"] for x in results) / r["train_seconds"], 1),
         "peak_gpu_mem_bytes": r["peak_gpu_mem_bytes"], "runs_per_gpu_hour": round(3600 * len(results) / wall, 1),
         "final": [x["final"][x["primary_metric"]] for x in results], "shapes": r.get("shapes"),
-        "precision": r["precision"],
+        "precision": r["precision"], "compile": r["config"].get("compile", False),
     }  # fmt: skip
 
 
@@ -44,7 +48,8 @@ def measure(base: RunConfig, arm: str, ckpt: str, engine: str, jobs: int, epochs
     cfgs = [replace(base, model=ckpt, arm=arm, engine=engine, seed=s, epochs=epochs) for s in range(jobs)]
     t0 = time.perf_counter()
     results = train.run_group(cfgs)
-    out = row(arm, engine, results, time.perf_counter() - t0)
+    mode = engine + ("+compile" if base.compile and engine == "fast" else "")
+    out = row(arm, mode, results, time.perf_counter() - t0)
     print(json.dumps(out), flush=True)
     return out
 
@@ -79,25 +84,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, nargs="+", default=[1, 4, 8])
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "bf16-base", "fp32"],
                    help="RunConfig's precision (the fast engine has no fp16)")  # fmt: skip
+    p.add_argument("--compile", action="store_true", help="RunConfig.compile: decoder layers under torch.compile")
+    p.add_argument("--jobs-arms", type=int, nargs="*", default=[],
+                   help="also time every other arm with these many runs packed (memory and time beside the first)")
     p.add_argument("--output", default="results/train-speed")
     args = p.parse_args(argv)
     arms = [a.split("=", 1) for a in args.arm]
     if any(len(a) != 2 for a in arms) or any(j < 1 for j in args.jobs):
         print("train_speed: error: --arm wants NAME=CHECKPOINT and --jobs positive integers", file=sys.stderr)
         return 2
-    base = RunConfig(task=args.task, data_dir=args.data_dir, lr=args.lr, precision=args.precision)
+    try:
+        base = RunConfig(task=args.task, data_dir=args.data_dir, lr=args.lr, precision=args.precision,
+                         compile=args.compile).validate()  # fmt: skip
+    except ValueError as exc:
+        print(f"train_speed: error: {exc}", file=sys.stderr)
+        return 2
     rows = [measure(base, name, ckpt, "fast", 1, args.epochs) for name, ckpt in arms]
     first, ckpt = arms[0]
     rows += [measure(base, first, ckpt, "fast", j, args.epochs) for j in args.jobs if j > 1]
+    rows += [measure(base, name, c, "fast", j, args.epochs) for j in args.jobs_arms for name, c in arms[1:]]
     if args.trainer_epochs > 0:
-        rows.append(measure(base, first, ckpt, "trainer", 1, args.trainer_epochs))
+        rows.append(measure(replace(base, compile=False), first, ckpt, "trainer", 1, args.trainer_epochs))
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     record = {"hardware": hardware_name(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "command": command_line(argv, "python benchmarks/train_speed.py"),
               "precision": resolve_precision(args.precision),
               "recipe": {"task": args.task, "lr": args.lr, "batch_size": base.batch_size, "lora_r": base.lora_r,
-                         "buckets": base.buckets}, "rows": rows}  # fmt: skip
+                         "buckets": base.buckets, "compile": base.compile}, "rows": rows}  # fmt: skip
     write_json(out / "train_speed.json", record, indent=1)
     plot(rows, out / "runs_per_gpu_hour.png")
     return 0

@@ -49,6 +49,13 @@ class RunConfig:
     # "auto" = trainer when launched distributed, else fast
     engine: str = "auto"
     buckets: list[int] = field(default_factory=lambda: [64, 128, 256])  # fast engine: padded lengths (ascending)
+    # compile: fast engine, torch.compile each decoder layer inside the captured step (fuses the norms, rotary and
+    # SwiGLU elementwise kernels, where a packed step's device time went: results/train-profile); the layers of a
+    # class share one compiled forward, so a 30-layer model compiles a few graphs per bucket, not 30
+    compile: bool = field(default=False, metadata={"help": (
+        "fast engine: torch.compile each decoder layer inside the captured training step (compiles once per worker "
+        "and bucket; needs Triton on a GPU or a C++ compiler on the CPU)"
+    )})  # fmt: skip
     routing_impl: str | None = None  # routed arm: override the checkpoint's routing_impl
     eval_routing_off: bool = True  # routed arm: also score the final model with k = N
     output_dir: str | None = None  # where the adapter and predictions go; None: nothing saved
@@ -72,6 +79,14 @@ class RunConfig:
         if self.precision == "fp16" and self.engine != "trainer":
             raise UserError("fp16 needs loss scaling, which only the Trainer engine has: pass --engine trainer, or "
                             "use bf16 or fp32")  # fmt: skip
+        if self.compile:
+            if self.engine == "trainer":
+                raise UserError("--compile compiles the fast engine's step; the Trainer engine does not take it")
+            from routed_llama.hardware import compile_problem
+
+            problem = compile_problem()
+            if problem:
+                raise UserError(f"--compile: {problem}")
         b = list(self.buckets)
         if not b or any(int(x) != x or x <= 0 or x % 8 for x in b) or b != sorted(set(b)):
             raise UserError(f"buckets must be ascending distinct positive multiples of 8, got {self.buckets}")

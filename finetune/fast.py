@@ -12,6 +12,11 @@ clip to `max_grad_norm`, AdamW (betas 0.9/0.999, eps 1e-8), linear warmup over c
 linear decay (the first step has lr 0), bf16 autocast over fp32 weights ("bf16-base": over a frozen base stored in
 bf16, the trainable weights fp32). On the CPU the same step runs eagerly.
 
+With `compile` (RunConfig.compile) every decoder layer runs under `torch.compile` inside the captured step: a packed
+step's device time went to elementwise kernels (norms, rotary, SwiGLU, casts: results/train-profile), which the
+compiler fuses. The layers of one class share one compiled forward (their weights are graph inputs), so a model
+compiles a few graphs per bucket, not one per layer, and later packs of the same worker process reuse them.
+
 One engine trains K runs at once: K = 1 trains the PEFT model as it is; K > 1 trains a `packed.Pack` (K adapters
 over one base, one forward of the K runs' batches stacked; see finetune/packed.py). Every batch the engine sees has
 K * B rows, run j's rows at [j*B, (j+1)*B); losses, gradient norms and clipping are per run.
@@ -29,6 +34,42 @@ import torch.nn.functional as F
 
 from . import data, tasks
 from .config import BF16_AUTOCAST, RunConfig
+
+# layer class -> its forward under torch.compile, shared by every layer of that class in this process
+_COMPILED_FORWARD: dict[type, Callable] = {}
+# graphs a compiled forward may hold (dynamo's default of 8 is too few for buckets x {train, eval} x layer variants)
+COMPILE_RECOMPILE_LIMIT = 64
+
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The decoder layers of a (PEFT-wrapped or packed) sequence classifier."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return list(base.model.layers)
+
+
+def compile_layers(model) -> list[torch.nn.Module]:
+    """Run every decoder layer of `model` under torch.compile: each layer's `forward` becomes its class's compiled
+    forward (one per class, shared: see the module docstring). Returns the layers, for `uncompile_layers`."""
+    import types
+
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), COMPILE_RECOMPILE_LIMIT))
+    layers = decoder_layers(model)
+    for layer in layers:
+        cls = type(layer)
+        if cls not in _COMPILED_FORWARD:
+            _COMPILED_FORWARD[cls] = torch.compile(cls.forward)
+        layer.forward = types.MethodType(_COMPILED_FORWARD[cls], layer)  # an instance attribute: nn.Module calls it
+    return layers
+
+
+def uncompile_layers(layers: list[torch.nn.Module]):
+    """Give the layers back their class's own forward."""
+    for layer in layers:
+        layer.__dict__.pop("forward", None)
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
@@ -68,6 +109,12 @@ class FastEngine:
             self.opt = torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.999), eps=1e-8)
         self.pool = torch.cuda.graph_pool_handle() if self.graphs else None
         self.captured: dict[tuple[str, int], tuple] = {}  # (kind, length) -> (graph, static inputs, static output)
+        self.compiled = compile_layers(model) if cfg.compile else []  # compiled on first use, before any capture
+
+    def close(self):
+        """Give the model back as it came (its layers' own forwards)."""
+        uncompile_layers(self.compiled)
+        self.compiled = []
 
     # --- one step, the same code eager or captured -------------------------------------------------------------
 
@@ -76,7 +123,9 @@ class FastEngine:
 
     def _logits(self, b: dict) -> torch.Tensor:
         with self._autocast():
-            logits = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits  # (K*B, C)
+            # no KV cache: a training or scoring forward never reads one back
+            logits = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                                use_cache=False).logits  # (K*B, C)
         return logits.float()
 
     def _losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

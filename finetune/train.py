@@ -158,6 +158,7 @@ def fit_fast(setups: list[Setup], cfgs: list[RunConfig], task: tasks.Task, preci
         with setups[0].routing_off():  # the packed model is run 0's base, with packed modules swapped in
             preds, losses = engine.predict(eval_items, kind="eval-routing-off")
         offs = [{**score(p), "loss": float(l)} for p, l in zip(preds, losses)]
+    engine.close()
     if pack is not None:
         pack.unpack()
     for o, before, off in zip(outcomes, befores, offs):

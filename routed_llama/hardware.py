@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 from pathlib import Path
 
 
@@ -45,3 +46,25 @@ def hardware(device: str = "cpu") -> dict:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }
+
+
+def compile_problem(device: str | None = None) -> str | None:
+    """Why `torch.compile` (inductor) cannot compile here, or None: on a CUDA device it generates Triton kernels
+    (Triton must import), on the CPU C++ (a compiler must be on PATH). `device` None: CUDA if available."""
+    import torch
+
+    use_cuda = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
+    if use_cuda:
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "no compiler backend: inductor needs Triton on a GPU, and it does not import"
+        return None
+    try:  # inductor's own search ($CXX, then g++/clang++ and the like), so that the check agrees with it
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+    except Exception as exc:  # InvalidCxxCompiler, or an inductor without this function
+        if not shutil.which("g++") and not shutil.which("clang++"):
+            return f"no compiler backend: inductor needs a C++ compiler on the CPU ({type(exc).__name__})"
+    return None

@@ -328,3 +328,85 @@ def test_runner_packs_only_compatible_runs_in_order():
     assert runner.pack(cfgs, list(range(8)), group=3) == [[0, 2, 3], [1], [4], [5], [6], [7]]
     assert runner.pack(cfgs, list(range(8)), group=2) == [[0, 2], [1], [3, 7], [4], [5], [6]]
     assert runner.pack(cfgs, [0, 2], group=1) == [[0], [2]]
+
+
+def test_compiled_layers_follow_the_eager_steps_and_share_graphs(monkeypatch):
+    """`compile`: a packed model of 2 runs whose decoder layers run under torch.compile (inductor, C++ on the CPU)
+    follows the eager engine's losses and predictions; the 2 layers share their class's compiled forward (graphs are
+    not per layer: dynamo compiles layer 0, whose input needs no gradient, and the rest, per bucket), and `close`
+    gives the layers their own forward back."""
+    from torch._dynamo.utils import counters
+
+    from finetune import packed
+    from routed_llama.hardware import compile_problem
+
+    if compile_problem("cpu"):
+        pytest.skip(compile_problem("cpu"))
+    torch._dynamo.reset()
+    counters.clear()
+    monkeypatch.setattr(fast, "_COMPILED_FORWARD", {})
+    task = tasks.get_task("rte")
+    cfg = RunConfig(task="rte", batch_size=4, max_length=32, buckets=[16, 32], lr=3e-3, epochs=1)
+    items = _items(16, seed=2, max_len=30)
+    cfgs = [RunConfig(**{**cfg.__dict__, "seed": s}) for s in (0, 1)]
+    steps = [data.concat(list(b), PAD) for b in zip(*[fast.epoch_batches(c, items, PAD, False)[0] for c in cfgs])]
+    assert len({b.length for b in steps}) == 2  # both buckets are used
+    results = []
+    for compiled in (False, True):
+        pack = packed.Pack([_peft_classifier(lora_seed=20 + s) for s in (0, 1)])
+        engine = fast.FastEngine(pack.model, RunConfig(**{**cfg.__dict__, "compile": compiled}), task, PAD, "fp32",
+                                 torch.device("cpu"), k=2)  # fmt: skip
+        losses = []
+        for i, b in enumerate(steps):
+            engine.set_lr(fast.lr_at(i, len(steps), 1, cfg.lr))
+            losses.append(engine.train_step(b).tolist())
+        preds, eval_loss = engine.predict(items[:6])
+        layers = fast.decoder_layers(pack.model)
+        if compiled:
+            assert all("forward" in layer.__dict__ for layer in layers) and len(fast._COMPILED_FORWARD) == 1
+        engine.close()
+        assert all("forward" not in layer.__dict__ for layer in layers)
+        results.append((np.array(losses), preds, eval_loss))
+    (eager_loss, eager_preds, eager_eval), (comp_loss, comp_preds, comp_eval) = results
+    assert len(set(np.round(eager_loss[:, 0], 4))) > 1
+    np.testing.assert_allclose(comp_loss, eager_loss, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(comp_preds, eager_preds)
+    np.testing.assert_allclose(comp_eval, eager_eval, rtol=1e-4)
+    # 2 buckets x (layer 0, later layers) for training, 2 buckets for scoring (no gradients): not x the 2 layers
+    assert counters["stats"]["unique_graphs"] <= 6, dict(counters["stats"])
+
+
+def test_compile_without_a_compiler_backend_is_a_one_line_error(monkeypatch, capsys):
+    from finetune import cli
+    from routed_llama import hardware
+
+    monkeypatch.setattr(hardware, "compile_problem", lambda device=None: "no compiler backend: test")
+    assert cli.main(["run", "--compile", "--engine", "fast"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no compiler backend" in err
+    assert cli.main(["run", "--compile", "--engine", "trainer"]) == 2
+
+
+def test_train_speed_benchmark_rows(tiny_tok_dir, tmp_path):
+    """benchmarks/train_speed.py on the CPU: solo, packed and other-arm rows with their fields; bad input exit 2."""
+    import importlib.util
+    import json
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("train_speed", ROOT / "benchmarks" / "train_speed.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    glue = _tiny_glue(tmp_path / "glue", n_train=16, n_dev=8)
+    out = tmp_path / "speed"
+    argv = ["--arm", f"plain={tiny_tok_dir}", "--arm", f"other={tiny_tok_dir}", "--data-dir", str(glue),
+            "--epochs", "1", "--jobs", "1", "2", "--jobs-arms", "2", "--trainer-epochs", "0", "--output", str(out)]
+    assert bench.main(argv) == 0
+    doc = json.loads((out / "train_speed.json").read_text())
+    got = [(r["arm"], r["mode"], r["jobs"]) for r in doc["rows"]]
+    assert got == [("plain", "fast", 1), ("other", "fast", 1), ("plain", "fast", 2), ("other", "fast", 2)]
+    for r in doc["rows"]:
+        assert r["run_seconds"] >= r["train_seconds"] > 0 and r["compile"] is False
+        assert r["runs_per_gpu_hour"] == pytest.approx(3600 * r["jobs"] / r["run_seconds"], rel=1e-3)
+    assert (out / "runs_per_gpu_hour.png").stat().st_size > 0
+    assert bench.main(["--arm", "plain", "--data-dir", str(glue)]) == 2
