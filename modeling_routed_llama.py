@@ -14,11 +14,14 @@ Routing in one routed layer, for a token x (hidden size H, intermediate size I, 
     out     = down_proj(h restricted to kept clusters)  # (H,)
 
 With k = N the layer computes exactly the dense FFN. Three implementations compute the same function
-(`config.routing_impl`): "mask" (the reference: compute the whole FFN, zero the dropped clusters), "sparse" (compute
-only the kept clusters: Triton kernels for up to TRITON_MAX_TOKENS tokens without gradients on CUDA, tokens
-grouped by cluster in plain PyTorch otherwise) and "auto" (the Triton kernels for up to AUTO_TRITON_MAX_TOKENS tokens
-on CUDA devices of compute capability 8.0 or newer, "mask" everywhere else, as measured on an H200; see
-AUTO_TRITON_MAX_TOKENS and `triton_mode`).
+(`config.routing_impl`): "mask" (the reference: compute the whole FFN, zero the dropped clusters), "sparse" (without
+gradients on CUDA: the Triton decode kernels, which compute only the kept clusters, for up to TRITON_MAX_TOKENS tokens
+and the prefill path above; with gradients or on CPU: tokens grouped by cluster in plain PyTorch) and "auto" (on CUDA
+devices of compute capability 8.0 or newer, without gradients: the decode kernels for up to AUTO_TRITON_MAX_TOKENS
+tokens and the prefill path above; "mask" everywhere else). The prefill path (`triton_prefill_ffn`) computes what
+"mask" computes, with cuBLAS for the three projections and one Triton kernel for the routing, activation and zeroing
+in between, so that long inputs pay fewer launches than "mask" does. See AUTO_TRITON_MAX_TOKENS, AUTO_PREFILL and
+`triton_mode` for what was measured.
 
 For decoding through the kernels, `RoutedLlamaForCausalLM.fast_generate` runs greedy decoding over a StaticCache with
 one CUDA graph per step.
@@ -55,24 +58,33 @@ except ImportError:
 try:
     import triton
     import triton.language as tl
+    from triton.language.extra import libdevice
 except ImportError:  # CPU-only installs: the PyTorch paths below need no Triton
     triton = None
 
 # Under Triton's CPU interpreter (set before triton is imported) the kernels also run on CPU tensors: the tests use it.
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-# "sparse" runs the Triton kernels for up to this many tokens (decode-sized inputs); above it the grouped path runs.
+# Without gradients, "sparse" runs the Triton decode kernels for up to this many tokens (decode-sized inputs) and the
+# prefill path (`triton_prefill_ffn`) above; with gradients it runs the grouped PyTorch path.
 TRITON_MAX_TOKENS = 16
 
-# "auto" runs the Triton kernels for up to this many tokens on CUDA devices of compute capability >= 8.0, and the
-# mask reference otherwise (prefill, training, CPU); 0 turns them off. Chosen by what was measured
-# (results/decode-compiled/decode.json, H200, bf16, Llama-7B FFN alone with the tuned TRITON_TILES, time per layer
-# against mask, the alternative that computes the same function): 1 token, "gemv1" kernel: 1.71x dense at k/N 1/2
-# and 2.48x at 1/4, mask 0.77x and 0.75x; 4 tokens, "dot" kernel (`triton_mode`): 0.98x dense at k/N 1/2 and 1.15x
-# at 1/4, mask 0.72x at both, so the kernels beat the reference. 2, 3 and 5-8 tokens were not measured and above 8
-# mask runs (512 tokens: mask 0.84x dense, kernels not run). Only the H200 (capability 9.0) was measured; other
-# devices of capability >= 8.0 take the same choice unmeasured.
+# "auto" runs the Triton decode kernels for up to this many tokens on CUDA devices of compute capability >= 8.0 (and
+# the prefill path above, see AUTO_PREFILL), and the mask reference otherwise (training, CPU); 0 turns the decode
+# kernels off. Chosen by what was measured (results/decode-compiled/decode.json, H200, bf16, Llama-7B FFN alone with
+# the tuned TRITON_TILES, time per layer against mask, the alternative that then computed the same function): 1 token,
+# "gemv1" kernel: 1.71x dense at k/N 1/2 and 2.48x at 1/4, mask 0.77x and 0.75x; 4 tokens, "dot" kernel
+# (`triton_mode`): 0.98x dense at k/N 1/2 and 1.15x at 1/4, mask 0.72x at both, so the kernels beat the reference.
+# 2, 3 and 5-8 tokens were not measured. Only the H200 (capability 9.0) was measured; other devices of capability
+# >= 8.0 take the same choice unmeasured.
 AUTO_TRITON_MAX_TOKENS = 8
+# "auto" runs the prefill path for more than AUTO_TRITON_MAX_TOKENS tokens on the same devices, without gradients;
+# False runs mask there. Not measured yet: chosen because it computes what mask computes (the same GEMMs and fp32
+# centroid scores, h rounded as mask rounds it) in fewer launches per layer: 6 against mask's 12 with the centroid
+# router (7 against 19 with the activation router; dense LlamaMLP: 5), where the H200 measured mask at 0.84x dense for
+# the Llama-7B FFN alone at 512 tokens and whole-model prefill at 0.74-0.80x. 9-16 tokens take the prefill path too,
+# not the "dot" decode kernels (neither was measured there).
+AUTO_PREFILL = True
 AUTO_MIN_CAPABILITY = (8, 0)
 
 
@@ -81,18 +93,33 @@ def cluster_means(weight: torch.Tensor, offsets: list[int]) -> torch.Tensor:
     return torch.stack([weight[a:b].float().mean(0) for a, b in zip(offsets[:-1], offsets[1:])])
 
 
+_CAPABILITY = {}  # CUDA device index -> compute capability, asked once (eager prefill asks in every layer)
+
+
 @torch.compiler.assume_constant_result  # under torch.compile: a constant of the graph, not a traced device query
 def _capable(index: int) -> bool:
-    return torch.cuda.get_device_capability(index) >= AUTO_MIN_CAPABILITY
+    if index not in _CAPABILITY:
+        _CAPABILITY[index] = torch.cuda.get_device_capability(index)
+    return _CAPABILITY[index] >= AUTO_MIN_CAPABILITY
 
 
-def auto_uses_triton(x: torch.Tensor) -> bool:
-    """The device/token-count half of `routing_impl="auto"`: True for at most AUTO_TRITON_MAX_TOKENS tokens on a CUDA
-    device of compute capability >= AUTO_MIN_CAPABILITY. x (M, H)."""
-    if not x.is_cuda or x.shape[0] > AUTO_TRITON_MAX_TOKENS:
+def _auto_device(x: torch.Tensor) -> bool:
+    """The device half of `routing_impl="auto"`: x is on a CUDA device of compute capability >= AUTO_MIN_CAPABILITY."""
+    if not x.is_cuda:
         return False
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
     return _capable(index)
+
+
+def auto_uses_triton(x: torch.Tensor) -> bool:
+    """"auto" runs the decode kernels: at most AUTO_TRITON_MAX_TOKENS tokens on a capable CUDA device. x (M, H)."""
+    return x.shape[0] <= AUTO_TRITON_MAX_TOKENS and _auto_device(x)
+
+
+def auto_uses_prefill(x: torch.Tensor) -> bool:
+    """"auto" runs the prefill path: more than AUTO_TRITON_MAX_TOKENS tokens on a capable CUDA device, unless
+    AUTO_PREFILL is off. x (M, H)."""
+    return AUTO_PREFILL and x.shape[0] > AUTO_TRITON_MAX_TOKENS and _auto_device(x)
 
 
 class RoutedLlamaRouter(nn.Module):
@@ -111,6 +138,7 @@ class RoutedLlamaRouter(nn.Module):
         self.register_buffer("centroids", torch.zeros(config.num_experts, config.hidden_size))
         self.register_buffer("expert_offsets", torch.tensor(offsets, dtype=torch.long))
         self._row_cluster = {}  # device -> (I,) int32 cluster id of every neuron; a cache, not state
+        self._centroids_fp32 = None  # (centroids tensor, its version, fp32 copy); a cache, not state
 
     def scores(self, x: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
         """Cluster scores in fp32, (M, N), for tokens x (M, H); the activation router also needs h (M, I)."""
@@ -139,6 +167,22 @@ class RoutedLlamaRouter(nn.Module):
         if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
             self._row_cluster[device] = ids
         return ids
+
+    def centroids_fp32(self) -> torch.Tensor:
+        """The centroids in fp32, (N, H), for the prefill path's scores: a bf16 model's centroids are bf16 buffers, and
+        their fp32 copy is kept until the buffer is replaced or changed in place (its version counter moves), which
+        saves the prefill path one cast launch per layer. Not kept while traced or while a CUDA graph is captured (as
+        in `row_cluster`), nor for inference-mode tensors, which have no version counter."""
+        c = self.centroids
+        if c.dtype == torch.float32 or torch.compiler.is_compiling() or c.is_inference():
+            return c.float()
+        cached = self._centroids_fp32
+        if cached is not None and cached[0] is c and cached[1] == c._version:
+            return cached[2]
+        c32 = c.float()
+        if not (c.is_cuda and torch.cuda.is_current_stream_capturing()):
+            self._centroids_fp32 = (c, c._version, c32)
+        return c32
 
     def forward(self, x: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
         """Kept cluster ids, (M, k), for tokens x (M, H)."""
@@ -178,8 +222,8 @@ class RoutedLlamaMLP(nn.Module):
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, self.hidden_size)  # (M, H), M = B * T
         impl = self.pick_impl(x)
-        if impl == "triton":
-            out = self.forward_triton(x)
+        if impl == "triton" or impl == "prefill":
+            out = self.forward_triton(x, prefill=impl == "prefill")
         elif impl == "sparse":
             out = self.forward_sparse(x)
         else:
@@ -187,29 +231,37 @@ class RoutedLlamaMLP(nn.Module):
         return out.view(shape)
 
     def pick_impl(self, x: torch.Tensor) -> str:
-        """Which implementation runs for these tokens: "mask", "sparse" (grouped PyTorch) or "triton".
+        """Which implementation runs for these tokens: "mask", "sparse" (grouped PyTorch), "triton" (the decode
+        kernels) or "prefill" (`triton_prefill_ffn`: cuBLAS GEMMs and one routing kernel).
 
-        "mask" always runs the reference. "auto" runs "triton" where `_triton_ok` and `auto_uses_triton` both hold
-        (at most AUTO_TRITON_MAX_TOKENS tokens on a CUDA device of capability >= 8.0, no gradients) and "mask"
-        otherwise; it never picks the grouped path, which syncs with the host. "sparse" runs "triton" where
-        `_triton_ok` holds and the grouped path otherwise.
+        "mask" always runs the reference. Where `_triton_ok` holds (no gradients, a CUDA tensor, ...), "auto" runs
+        "triton" where `auto_uses_triton` holds (at most AUTO_TRITON_MAX_TOKENS tokens on a CUDA device of capability
+        >= 8.0), "prefill" where `auto_uses_prefill` holds (more tokens, same devices) and "mask" otherwise; it never
+        picks the grouped path, which syncs with the host. "sparse" runs "triton" for up to TRITON_MAX_TOKENS tokens
+        and "prefill" above where `_triton_ok` holds, and the grouped path otherwise (training).
         """
         impl = self.config.routing_impl
         if impl == "mask":
             return "mask"
+        kernels = self._triton_ok(x)
         if impl == "auto":
-            return "triton" if self._triton_ok(x) and auto_uses_triton(x) else "mask"
-        return "triton" if self._triton_ok(x) else "sparse"
+            if kernels and auto_uses_triton(x):
+                return "triton"
+            return "prefill" if kernels and auto_uses_prefill(x) else "mask"
+        if not kernels:
+            return "sparse"
+        return "triton" if x.shape[0] <= TRITON_MAX_TOKENS else "prefill"
 
     def _plain_projections(self) -> bool:
         """No adapter wraps gate/up/down: the weights can be sliced and read directly."""
         return all(type(p) is nn.Linear for p in (self.gate_proj, self.up_proj, self.down_proj))
 
     def _triton_ok(self, x: torch.Tensor) -> bool:
-        """The Triton kernels can compute this call: few tokens, no gradients (they have no backward), plain bias-free
-        projections with SiLU, a supported dtype, a CUDA tensor (or any tensor under Triton's CPU interpreter)."""
+        """The Triton paths (decode kernels and prefill path) can compute this call: no gradients (they have no
+        backward), plain bias-free projections with SiLU, a supported dtype, a CUDA tensor (or any tensor under
+        Triton's CPU interpreter). Any token count: which path runs is `pick_impl`'s choice."""
         # cheap checks first: on the training path they fail before anything queries the device
-        if x.shape[0] > TRITON_MAX_TOKENS or triton is None:
+        if triton is None:
             return False
         if torch.is_grad_enabled() and (x.requires_grad or self.gate_proj.weight.requires_grad):
             return False
@@ -275,16 +327,13 @@ class RoutedLlamaMLP(nn.Module):
             out = out + self.down_proj.bias.float()
         return out.to(x.dtype)
 
-    def forward_triton(self, x: torch.Tensor) -> torch.Tensor:
-        """The Triton kernels (`triton_routed_ffn`): read only the kept clusters' weights. No host sync and static
+    def forward_triton(self, x: torch.Tensor, prefill: bool = False) -> torch.Tensor:
+        """The Triton paths (`triton_routed_ffn`): the decode kernels, which read only the kept clusters' weights, for
+        up to TRITON_MAX_TOKENS tokens, and the prefill path above them or with `prefill`. No host sync and static
         shapes, so a decode step can be captured in a CUDA graph. Only called where `_triton_ok` holds.
         x (M, H) -> (M, H)."""
         router = self.router
-        # under torch.compile the kernels run as one opaque custom op (`routed_llama::routed_ffn`): the compiler
-        # fuses everything around them and never traces their launch code
-        ffn = torch.ops.routed_llama.routed_ffn if torch.compiler.is_compiling() else triton_routed_ffn
-        return ffn(
-            x,
+        kw = dict(
             w_gate=self.gate_proj.weight,
             w_up=self.up_proj.weight,
             w_down=self.down_proj.weight,
@@ -293,6 +342,19 @@ class RoutedLlamaMLP(nn.Module):
             centroids=router.centroids if router.kind == "centroid" else None,
             offsets=router.expert_offsets,
         )
+        if torch.compiler.is_compiling():
+            # under torch.compile the kernels run as one opaque custom op (`routed_llama::routed_ffn`): the compiler
+            # fuses everything around them and never traces their launch code
+            if not (prefill or x.shape[0] > TRITON_MAX_TOKENS):
+                return torch.ops.routed_llama.routed_ffn(x, **kw)
+            if not _OP_HAS_MODE:  # an older copy of this file registered the op (see `_OP_HAS_MODE`)
+                return self.forward_mask(x)
+            return torch.ops.routed_llama.routed_ffn(x, **kw, mode="prefill")
+        if prefill or x.shape[0] > TRITON_MAX_TOKENS:  # straight to the prefill path: no tile dictionaries to merge
+            if kw["centroids"] is not None:
+                kw["centroids"] = router.centroids_fp32()  # cached: one cast launch fewer per layer
+            return triton_prefill_ffn(x, **kw)
+        return triton_routed_ffn(x, **kw)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -330,6 +392,10 @@ TRITON_TILES = {
 # SM down aims for (unless the mode sets its own).
 TRITON_OPTIONS = {"reduce": "split", "ctas_per_sm": 8}
 _MODES = {"gemv1": 0, "gemv": 1, "dot": 2}
+# The prefill path's routing kernel (`_route_rows_kernel`): tokens per program, rows per inner step, rows per program,
+# warps. Not measured: reasoned for a memory-bound elementwise pass (16 x 128 elements per step, 16 per thread; 1024
+# rows per program, so a program ranks its tokens' clusters once per 8 steps; 352 programs at 512 tokens, I = 11008).
+PREFILL_TILES = {"BLOCK_M": 16, "BLOCK_R": 128, "ROWS": 1024, "warps": 4}
 
 if triton is not None:
 
@@ -347,6 +413,11 @@ if triton is not None:
         tl.store(s_ptr + m * N + e, tl.sum(acc, axis=0))
 
     @triton.jit
+    def _beats(s_other, id_other, s_own, id_own):
+        # the routing order of every kernel: a cluster beats another with a higher score, or an equal one and a lower id
+        return (s_other > s_own) | ((s_other == s_own) & (id_other < id_own))
+
+    @triton.jit
     def _kept(s_ptr, rc, M, N, top_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         # (BM, BR) True where token m keeps the cluster rc[r] of row r: fewer than k clusters beat it (ties: lower id)
         m = tl.arange(0, BLOCK_M)
@@ -355,7 +426,7 @@ if triton is not None:
         s_r = tl.load(s_ptr + m[:, None] * N + rc[None, :], mask=m[:, None] < M, other=0.0)  # (BM, BR)
         s3 = s[:, None, :]  # (BM, 1, BN) competitors
         r3 = s_r[:, :, None]  # (BM, BR, 1) the row's own cluster score
-        beats = (s3 > r3) | ((s3 == r3) & (j[None, None, :] < rc[None, :, None]))  # (BM, BR, BN)
+        beats = _beats(s3, j[None, None, :], r3, rc[None, :, None])  # (BM, BR, BN)
         rank = tl.sum(beats.to(tl.int32), axis=2)  # (BM, BR)
         return (rank < top_k) & (m[:, None] < M)
 
@@ -437,7 +508,7 @@ if triton is not None:
         acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
         for c0 in range(lo, hi, BLOCK_C):
             c = c0 + tl.arange(0, BLOCK_C)
-            v = tl.load(h_ptr + m * I + c, mask=c < hi, other=0.0)
+            v = tl.load(h_ptr + m * I + c, mask=c < hi, other=0.0).to(tl.float32)  # the prefill path's h is bf16/fp16
             acc += v * v
         tl.store(s_ptr + m * N + e, tl.sqrt(tl.sum(acc, axis=0) / (hi - lo).to(tl.float32)))
 
@@ -500,6 +571,66 @@ if triton is not None:
         else:
             tl.store(out_ptr + g * M * H + m[:, None] * H + rows[None, :], res, mask=omask)
 
+    # The prefill path's one kernel (`triton_prefill_ffn`): an elementwise pass between cuBLAS GEMMs.
+
+    @triton.jit
+    def _rounded(v, like, INTERPRETED: tl.constexpr):
+        # fp32 v in like's dtype, rounded to nearest even as the GPU's cast and PyTorch round; the CPU interpreter's
+        # cast to bf16 truncates, so there the low 16 bits are rounded away first
+        if INTERPRETED and like.dtype == tl.bfloat16:
+            b = v.to(tl.uint32, bitcast=True)
+            b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+            v = b.to(tl.float32, bitcast=True)
+        return v.to(like.dtype)
+
+    @triton.jit
+    def _silu_mul(g, u, INTERPRETED: tl.constexpr):
+        # act(g) * u in g's dtype, computed as PyTorch computes it on CUDA: silu(x) = x / (1 + expf(-x)) in fp32
+        # (libdevice's expf and IEEE division, which is what nvcc makes of ATen's silu kernel) rounded to g's dtype,
+        # then the product of the two rounded operands in fp32, rounded. The CPU interpreter has no libdevice: there
+        # exp is numpy's, so fp32 results may differ from PyTorch's in the last bit.
+        gf = g.to(tl.float32)
+        if INTERPRETED:
+            e = tl.exp(-gf)
+        else:
+            e = libdevice.exp(-gf)
+        a = _rounded(tl.div_rn(gf, 1.0 + e), g, INTERPRETED)
+        return _rounded(a.to(tl.float32) * u.to(tl.float32), g, INTERPRETED)
+
+    @triton.jit
+    def _route_rows_kernel(g_ptr, u_ptr, rc_ptr, s_ptr, h_ptr, M, I, N, top_k, rows_per_program,
+                           ACT: tl.constexpr, INTERPRETED: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):  # fmt: skip
+        # prefill path, program (token tile, chunk of rows_per_program rows): h[m, r] = silu(g) * u (ACT) or h = g
+        # (already act(g) * u: zeroed in place), and 0 where token m does not keep the cluster of row r
+        m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
+        j = tl.arange(0, BLOCK_N)  # (BN,)
+        s = tl.load(s_ptr + m[:, None] * N + j[None, :], mask=(m[:, None] < M) & (j[None, :] < N), other=float("-inf"))
+        # every cluster's rank per token, one competitor at a time so that registers hold (BM, BN), not (BM, BN, BN)
+        rank = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for c in range(0, N):
+            s_c = tl.load(s_ptr + m * N + c, mask=m < M, other=float("-inf"))  # (BM,)
+            rank += _beats(s_c[:, None], c, s, j[None, :]).to(tl.int32)
+        # each token's k-th cluster in the routing order (the ranks of 0..N-1 are distinct): a row is kept iff that
+        # cluster does not beat the row's own, i.e. fewer than k clusters do (`_kept`'s rule), with one compare per row
+        kth = (rank == top_k - 1) & (j[None, :] < N)  # (BM, BN) one True per token
+        s_k = tl.sum(tl.where(kth, s, 0.0), axis=1)  # (BM,)
+        c_k = tl.sum(tl.where(kth, j[None, :], 0), axis=1)  # (BM,)
+        r_lo = tl.program_id(1) * rows_per_program
+        for r0 in range(r_lo, tl.minimum(r_lo + rows_per_program, I), BLOCK_R):
+            r = r0 + tl.arange(0, BLOCK_R)  # (BR,)
+            valid = (m[:, None] < M) & (r[None, :] < I)  # (BM, BR)
+            rc = tl.load(rc_ptr + r, mask=r < I, other=0)  # (BR,) cluster of each row
+            s_r = tl.load(s_ptr + m[:, None] * N + rc[None, :], mask=valid, other=0.0)  # (BM, BR) its score
+            kept = ~_beats(s_k[:, None], c_k[:, None], s_r, rc[None, :])  # (BM, BR)
+            offs = m[:, None] * I + r[None, :]
+            g = tl.load(g_ptr + offs, mask=valid, other=0.0)
+            if ACT:
+                h = _silu_mul(g, tl.load(u_ptr + offs, mask=valid, other=0.0), INTERPRETED)
+            else:
+                h = g
+            tl.store(h_ptr + offs, tl.where(kept, h, 0.0).to(g.dtype), mask=valid)
+
     @triton.jit
     def _sum_splits_kernel(part_ptr, out_ptr, MH, split, BLOCK: tl.constexpr):
         # out = sum over splits of the fp32 partials, in split order (deterministic), cast to out's dtype
@@ -528,32 +659,39 @@ def _dot_fp32(dtype: torch.dtype) -> bool:
 
 
 def triton_mode(tokens: int, tiles: dict | None = None) -> str:
-    """The multiply mode for this many tokens: "gemv1" for one token, "dot" for more; `tiles["mode"]` overrides it
-    (also to "gemv", which is never the default).
+    """The multiply mode for this many tokens: "gemv1" for one token, "dot" for up to TRITON_MAX_TOKENS, "prefill"
+    (`triton_prefill_ffn`, not a decode kernel) above; `tiles["mode"]` overrides it (also to "gemv", which is never
+    the default, and to "prefill" for any token count).
 
     Chosen by measured speed (results/decode-compiled/decode.json, H200, bf16, Llama-7B FFN alone, split reduction,
     tuned tiles): for 1 token "gemv1" took 49.0 us at k/N 1/2 against dense 83.9 us and mask 109.5 us; for 4 tokens
     "dot" took 86.5 us against "gemv" 358.9 us (dense 85.0 us, mask 117.8 us). 2, 3 and 5-16 tokens were not
-    measured: they take "dot", the faster mode at 4.
+    measured: they take "dot", the faster mode at 4. Above 16 the decode kernels' register tiles of all tokens
+    (BLOCK_M 16) no longer hold the input: "prefill" (not measured yet).
     """
     if tiles and "mode" in tiles:
         return tiles["mode"]
-    return "gemv1" if tokens == 1 else "dot"
+    return "gemv1" if tokens == 1 else "dot" if tokens <= TRITON_MAX_TOKENS else "prefill"
 
 
 def triton_routed_ffn(x, *, w_gate, w_up, w_down, row_cluster, top_k, centroids=None, offsets=None, tiles=None):
-    """Routed SwiGLU FFN for up to TRITON_MAX_TOKENS tokens. x (M, H) -> (M, H) in x's dtype.
+    """Routed SwiGLU FFN without gradients, x (M, H) -> (M, H) in x's dtype: the decode kernels for up to
+    TRITON_MAX_TOKENS tokens, `triton_prefill_ffn` for more (or for any count with `tiles["mode"]` "prefill").
 
     The centroid router is used when `centroids` (N, H) is given, the activation router (which needs `offsets`, the
     (N + 1,) device tensor of cluster bounds) otherwise. `row_cluster` (I,) int32 holds every neuron's cluster.
-    For several tokens the union of their kept clusters is read once. `tiles` overrides entries of TRITON_TILES[mode]
-    and TRITON_OPTIONS (and may set "mode" and "SPLIT"). No host sync, static shapes: a CUDA graph can capture it.
+    For several tokens the decode kernels read the union of their kept clusters once. `tiles` overrides entries of
+    TRITON_TILES[mode] and TRITON_OPTIONS (and may set "mode" and "SPLIT"), or of PREFILL_TILES. No host sync, static
+    shapes: a CUDA graph can capture it.
     """
     tiles = tiles or {}
     m, hidden = x.shape
+    mode = triton_mode(m, tiles)
+    if mode == "prefill":
+        return triton_prefill_ffn(x, w_gate=w_gate, w_up=w_up, w_down=w_down, row_cluster=row_cluster, top_k=top_k,
+                                  centroids=centroids, offsets=offsets, tiles=tiles)  # fmt: skip
     inter = w_gate.shape[0]
     n = centroids.shape[0] if centroids is not None else offsets.numel() - 1
-    mode = triton_mode(m, tiles)
     t = {**TRITON_OPTIONS, **TRITON_TILES[mode], **tiles}  # a mode may set its own ctas_per_sm
     block_m = 16 if mode == "dot" else triton.next_power_of_2(m)
     block_n = triton.next_power_of_2(n)
@@ -575,6 +713,42 @@ def triton_routed_ffn(x, *, w_gate, w_up, w_down, row_cluster, top_k, centroids=
         _mask_rows_kernel[grid_rows](h, row_cluster, scores, m, inter, n, top_k, BLOCK_M=block_m, BLOCK_N=block_n,
                                      BLOCK_R=t["BLOCK_R"])  # fmt: skip
     return _down(h, w_down, x.dtype, mode, t)
+
+
+def triton_prefill_ffn(x, *, w_gate, w_up, w_down, row_cluster, top_k, centroids=None, offsets=None, tiles=None):
+    """The prefill path: what `RoutedLlamaMLP.forward_mask` computes, in fewer launches. x (M, H) -> (M, H).
+
+    Every cluster's gate, up and down are computed, as in mask: skipping dropped clusters in long inputs would need
+    each cluster's list of tokens (a host sync, as in `forward_sparse`, or a grouped-GEMM kernel). What this path
+    removes is the mask path's extra launches (router, top-k, keep mask, multiply), each of which costs host time in
+    every layer of an eager prefill. Gate and up are cuBLAS GEMMs, the router's fp32 scores are the reference's
+    F.linear, one Triton program per (token tile, row chunk) ranks the scores and writes h = silu(g) * u where the
+    token keeps the row's cluster and 0 elsewhere (into g's buffer, rounded as the reference rounds it), and down is a
+    cuBLAS GEMM over the zeroed h. Centroid router: 6 launches (gate, up, x.float(), scores, routing kernel, down; a
+    bf16 model's centroids are cast to fp32 by the caller, `RoutedLlamaRouter.centroids_fp32` caches that cast) against
+    LlamaMLP's 5 (gate, up, silu, mul, down). Activation router: h = act(g) * u by PyTorch, per-cluster RMS scores by
+    `_cluster_rms_kernel` (summed in another order than the reference's), then the routing kernel zeroes dropped rows
+    in place: 7 launches. Arguments as for `triton_routed_ffn`; `tiles` overrides PREFILL_TILES. No host sync: a CUDA
+    graph can capture it.
+    """
+    t = PREFILL_TILES if not tiles else {**PREFILL_TILES, **tiles}
+    m, inter = x.shape[0], w_gate.shape[0]
+    g = F.linear(x, w_gate)  # (M, I)
+    u = F.linear(x, w_up)  # (M, I)
+    if centroids is not None:
+        # the reference's fp32 scores (RoutedLlamaRouter.scores), so that both rank the same values
+        scores = F.linear(x.float(), centroids.float())  # (M, N)
+        n, act = centroids.shape[0], True
+    else:
+        g = F.silu(g, inplace=True).mul_(u)  # (M, I) h = act(g) * u, rounded as the reference rounds it
+        n, act = offsets.numel() - 1, False
+        scores = torch.empty(m, n, device=x.device, dtype=torch.float32)  # (M, N)
+        _cluster_rms_kernel[(n, m)](g, offsets, scores, inter, n, BLOCK_C=256)
+    grid = (triton.cdiv(m, t["BLOCK_M"]), triton.cdiv(inter, t["ROWS"]))
+    _route_rows_kernel[grid](g, u, row_cluster, scores, g, m, inter, n, top_k, t["ROWS"], ACT=act,
+                             INTERPRETED=TRITON_INTERPRET, BLOCK_M=t["BLOCK_M"],
+                             BLOCK_N=triton.next_power_of_2(n), BLOCK_R=t["BLOCK_R"], num_warps=t["warps"])  # fmt: skip
+    return F.linear(g, w_down)  # (M, H)
 
 
 def _down(h, w_down, dtype, mode, t):
@@ -602,21 +776,25 @@ def _down(h, w_down, dtype, mode, t):
     return out
 
 
-# `triton_routed_ffn` (default tiles) as a custom op, so that torch.compile can hold it in a graph (fake: shapes
-# only). A checkpoint's copy of this file may be imported more than once (one module per checkpoint folder): the
-# first registration serves them all.
+# `triton_routed_ffn` (default tiles; `mode` "prefill" forces the prefill path, None picks by token count) as a custom
+# op, so that torch.compile can hold it in a graph (fake: shapes only). A checkpoint's copy of this file may be
+# imported more than once (one module per checkpoint folder): the first registration serves them all. A copy from
+# before the prefill path registers an op without `mode` whose kernels are wrong above 16 tokens: where that one came
+# first, compiled calls of more tokens run the mask path instead (`_OP_HAS_MODE`).
 if triton is not None and not hasattr(torch.ops.routed_llama, "routed_ffn"):
 
     @torch.library.custom_op("routed_llama::routed_ffn", mutates_args=())
     def _routed_ffn_op(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
                        row_cluster: torch.Tensor, top_k: int, centroids: torch.Tensor | None = None,
-                       offsets: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+                       offsets: torch.Tensor | None = None, mode: str | None = None) -> torch.Tensor:  # fmt: skip
         return triton_routed_ffn(x, w_gate=w_gate, w_up=w_up, w_down=w_down, row_cluster=row_cluster, top_k=top_k,
-                                 centroids=centroids, offsets=offsets)  # fmt: skip
+                                 centroids=centroids, offsets=offsets, tiles=mode and {"mode": mode})  # fmt: skip
 
     @_routed_ffn_op.register_fake
-    def _(x, w_gate, w_up, w_down, row_cluster, top_k, centroids=None, offsets=None):
+    def _(x, w_gate, w_up, w_down, row_cluster, top_k, centroids=None, offsets=None, mode=None):
         return torch.empty_like(x)
+
+_OP_HAS_MODE = triton is not None and "mode" in str(torch.ops.routed_llama.routed_ffn.default._schema)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -786,8 +964,9 @@ class RoutedLlamaForCausalLM(RoutedLlamaPreTrainedModel, LlamaForCausalLM):
         The prompt is prefilled into a StaticCache; each further token is one decode step, replayed from a CUDA
         graph on CUDA (`cuda_graph=None` means "on CUDA"). With routing_impl "auto" or "sparse", decode steps of up to
         AUTO_TRITON_MAX_TOKENS (resp. TRITON_MAX_TOKENS) sequences run the Triton kernels that read only the kept
-        clusters. With `compile` the decode step is also `torch.compile`d (see `GreedyDecodeStep`): faster steps,
-        tens of seconds of compilation on the first call of a shape. The graph and cache are kept for the next call
+        clusters, and a longer prompt's prefill runs the prefill path (`triton_prefill_ffn`). With `compile` the
+        decode step is also `torch.compile`d (see `GreedyDecodeStep`): faster steps, tens of seconds of compilation
+        on the first call of a shape. The graph and cache are kept for the next call
         with the same batch size, cache length (rounded up to a multiple of 128), k, routing_impl and `compile`; the
         first call of a shape pays for one capture (`clear_fast_generate` frees them).
 
