@@ -344,8 +344,13 @@ def test_compiled_decode_step_runs_the_kernels_as_one_op_in_interpreter(interpre
         ("sparse", 1, False, False, False, "sparse"),  # CPU without the interpreter: grouped PyTorch
         ("sparse", 8, True, False, False, "triton"),
         ("sparse", 16, True, False, False, "triton"),
-        ("sparse", 17, True, False, False, "sparse"),  # more than TRITON_MAX_TOKENS
+        ("sparse", 17, True, False, False, "prefill"),  # more than TRITON_MAX_TOKENS: the prefill path
+        ("sparse", 512, True, False, False, "prefill"),
+        ("sparse", 512, False, False, False, "sparse"),  # CPU without the interpreter: grouped PyTorch
+        ("sparse", 512, True, True, False, "sparse"),  # gradients (training): grouped PyTorch
         ("sparse", 4, True, True, False, "sparse"),  # gradients: the kernels have no backward
+        ("auto", 512, True, False, False, "mask"),  # CPU: no prefill path either (capable GPUs: test_prefill.py)
+        ("mask", 512, True, False, False, "mask"),
         ("sparse", 4, True, False, True, "sparse"),  # mlp_bias: the kernels have no bias terms
         ("mask", 1, True, False, False, "mask"),
     ],
@@ -566,22 +571,33 @@ def build(fn, sig, consts):
     src = ASTSource(fn=fn, signature=full, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
     triton.compile(src, target=GPUTarget("cuda", 90, 32))
 
-failed = []
+cases = []
 for dt, dot_fp32 in (("bf16", False), ("fp32", True)):
     for mode, bm in ((0, 1), (1, 4), (2, 16)):
         gu = {"x_ptr": "*" + dt, "wg_ptr": "*" + dt, "wu_ptr": "*" + dt, "rc_ptr": "*i32", "s_ptr": "*fp32",
               "h_ptr": "*fp32", **{n: "i32" for n in ("M", "H", "I", "N", "top_k")}}
         down = {"h_ptr": "*fp32", "wd_ptr": "*" + dt, "out_ptr": "*fp32",
                 **{n: "i32" for n in ("M", "H", "I", "n_col_tiles", "split")}}
-        cases = [(mrl._gate_up_kernel, gu, dict(ROUTE=route, MODE=mode, DOT_FP32=dot_fp32, BLOCK_M=bm, BLOCK_N=32,
-                                                BLOCK_R=64, BLOCK_K=128)) for route in (True, False)]
+        cases += [(mrl._gate_up_kernel, gu, dict(ROUTE=route, MODE=mode, DOT_FP32=dot_fp32, BLOCK_M=bm, BLOCK_N=32,
+                                                 BLOCK_R=64, BLOCK_K=128)) for route in (True, False)]
         cases += [(mrl._down_kernel, down, dict(MODE=mode, DOT_FP32=dot_fp32, ATOMIC=atomic, BLOCK_M=bm, BLOCK_H=64,
                                                 BLOCK_C=128)) for atomic in (False, True)]
-        for fn, sig, consts in cases:
-            try:
-                build(fn, sig, consts)
-            except Exception as exc:
-                failed.append(f"{fn.__name__} {dt} {consts}: {str(exc).splitlines()[-1][:200]}")
+    # the prefill path: the routing kernel (with and without the activation; h in the weights' dtype) and the RMS
+    # scores of such an h (activation router)
+    rows = {"g_ptr": "*" + dt, "u_ptr": "*" + dt, "rc_ptr": "*i32", "s_ptr": "*fp32", "h_ptr": "*" + dt,
+            **{n: "i32" for n in ("M", "I", "N", "top_k", "rows_per_program")}}
+    t = mrl.PREFILL_TILES
+    cases += [(mrl._route_rows_kernel, rows, dict(ACT=act, INTERPRETED=False, BLOCK_M=t["BLOCK_M"], BLOCK_N=32,
+                                                  BLOCK_R=t["BLOCK_R"])) for act in (True, False)]
+    rms = {"h_ptr": "*" + dt, "off_ptr": "*i64", "s_ptr": "*fp32", "I": "i32", "N": "i32"}
+    cases += [(mrl._cluster_rms_kernel, rms, dict(BLOCK_C=256))]
+failed = []
+for fn, sig, consts in cases:
+    try:
+        build(fn, sig, consts)
+    except Exception as exc:
+        failed.append(f"{fn.__name__} {sig['h_ptr']} {consts}: {str(exc).splitlines()[-1][:200]}")
+print(f"compiled {len(cases) - len(failed)} of {len(cases)} variants")
 print("\n".join(failed))
 sys.exit(1 if failed else 0)
 """
@@ -590,7 +606,8 @@ sys.exit(1 if failed else 0)
 def test_kernels_compile_for_hopper_without_a_gpu():
     """The interpreter runs what the compiler may refuse (on the H200, 2026-11-29, the one-token gate/up kernel failed
     to compile: two `return`s of different shapes). Triton compiles to sm_90 machine code without a GPU, so every
-    kernel variant the decode path can launch is compiled here, in a process without TRITON_INTERPRET."""
+    kernel variant the decode path and the prefill path can launch is compiled here, in a process without
+    TRITON_INTERPRET."""
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", COMPILE_FOR_HOPPER], capture_output=True, text=True, env=env,
