@@ -10,14 +10,18 @@ Rows (written to OUT/decode.json after every model, with a PNG OUT/speedup.png):
   --mask-rows). All arms run the same loop with the same treatment (`compiled` true: torch.compile'd, with
   --compile). tok/s = batch * steps / seconds. `impl` is what the routed arm's decode steps ran, recorded from
   its layers' `pick_impl` while the step ran its Python (the graph capture on CUDA): e.g. "triton/gemv1", "mask".
-- phase "prefill": one forward over --prefill tokens (batch 1, eager), tok/s = tokens / seconds.
+- phase "prefill": one forward over --prefill tokens (batch 1, eager), tok/s = tokens / seconds. `impl` is what the
+  routed layers ran, recorded from their `pick_impl` during a warm-up forward ("prefill" for the prefill path, "mask",
+  or "dense (k = N)"); with --mask-rows a second routed row runs routing_impl "mask".
 - phase "generate": the user's path, `model.fast_generate(prompt, max_new_tokens=steps)`, routed at k vs the same
   model at k = N (dense compute); `ran` is what its routed layers ran (prefill and decode steps), recorded as above;
   `loop_speedup` is the decode row's speedup for the same model, batch and k/N, and `fraction_of_loop_gain`
   (speedup - 1) / (loop_speedup - 1) where the loop gained (loop_speedup > 1).
 - phase "ffn": one FFN layer alone (cycling over 6 layers' weights so no cache holds them): dense (cuBLAS), ideal,
-  and each Triton variant (multiply mode x reduction); `bytes_read` is what the kernels read (the weight tiles of
-  kept clusters, rounded out to the tiles, plus the centroids) and `gb_s` = bytes_read / time.
+  the mask path, each Triton decode variant (multiply mode x reduction, up to TRITON_MAX_TOKENS tokens) and the
+  prefill path ("prefill": `triton_prefill_ffn`, above AUTO_TRITON_MAX_TOKENS tokens); `bytes_read` is what the
+  decode kernels read (the weight tiles of kept clusters, rounded out to the tiles, plus the centroids) and `gb_s` =
+  bytes_read / time.
 Each arm is timed --repeats times, interleaved with the other arms of its row; `*_tok_s` (or `*_us`) are medians and
 `min`/`median`/`max` give the spread of the routed arm (dense and ideal spreads are in `spread`). A variant that
 fails is recorded with its error and the run goes on. Weights are random (speed does not depend on them) and the
@@ -75,6 +79,8 @@ def parse_args(argv=None):
     p.add_argument("--apply-tuning", action="store_true",
                    help="with --tune: the rows after the tuning run with the fastest tiles found (recorded)")
     p.add_argument("--only-ffn", action="store_true", help="only the FFN rows (and --tune): no whole-model rows")
+    p.add_argument("--phases", nargs="+", default=["decode", "prefill", "generate"],
+                   choices=["decode", "prefill", "generate"], help="whole-model phases to time (default: all)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     args = p.parse_args(argv)
@@ -345,22 +351,28 @@ def decode_rows(name, dense, routed, ideals, args, compiled) -> list[dict]:
 
 
 def prefill_rows(name, dense, routed, ideals, args) -> list[dict]:
+    """One prefill row per k/N (and, with --mask-rows, one with routing_impl "mask"): one forward of --prefill tokens,
+    dense, ideal and routed arms interleaved; `impl` is what the routed layers ran in a warm-up forward."""
     if args.prefill <= 0:
         return []
     n = routed.config.num_experts
     ids = torch.randint(0, dense.config.vocab_size, (1, args.prefill), device=args.device)
 
-    def timer(model, k=None):
+    def forward(model):
+        model(input_ids=ids, use_cache=False, logits_to_keep=1)
+
+    def timer(model, k=None, impl=None):
         @torch.no_grad()
         def run():
             if k is not None:
                 routed.model.set_top_k(k)
+                routed.config.routing_impl = impl
             for _ in range(2):  # warm-up: the first call of a shape allocates and may compile
-                model(input_ids=ids, use_cache=False, logits_to_keep=1)
+                forward(model)
             sync(args.device)
             t0 = time.perf_counter()
             for _ in range(3):
-                model(input_ids=ids, use_cache=False, logits_to_keep=1)
+                forward(model)
             sync(args.device)
             return 3 * args.prefill / (time.perf_counter() - t0)
 
@@ -369,15 +381,24 @@ def prefill_rows(name, dense, routed, ideals, args) -> list[dict]:
     rows = []
     for ratio in args.ratios:
         k = max(1, round(ratio * n))
-        base = {"model": name, "batch": 1, "k_over_n": k / n, "phase": "prefill", "compiled": False,
-                "tokens": args.prefill}  # fmt: skip
-        fns = {"dense": timer(dense), "routed": timer(routed, k)}
-        if k < n and ratio in ideals:
-            fns["ideal"] = timer(ideals[ratio])
-        routed.model.set_top_k(k)
-        base["impl"] = impl_name(routed, args.prefill, args.device)
-        rows.append(make_row(base, interleaved(fns, args.repeats)))
-        print_row(rows[-1])
+        for impl in ["auto"] + (["mask"] if args.mask_rows and k < n else []):
+            base = {"model": name, "batch": 1, "k_over_n": k / n, "phase": "prefill", "compiled": False,
+                    "tokens": args.prefill, "routing_impl": impl}  # fmt: skip
+            fns = {"dense": timer(dense), "routed": timer(routed, k, impl)}
+            if k < n and ratio in ideals:
+                fns["ideal"] = timer(ideals[ratio])
+            routed.model.set_top_k(k)
+            routed.config.routing_impl = impl
+            try:
+                with Ran(routed) as ran, torch.no_grad():  # what the routed layers run, recorded
+                    forward(routed)
+                base["impl"] = "+".join(sorted(ran.seen)) or "dense (k = N)"
+                row = make_row(base, interleaved(fns, args.repeats))
+            except Exception as exc:
+                row = {**base, "error": error_text(exc)}
+            rows.append(row)
+            print_row(row)
+    routed.config.routing_impl = "auto"
     return rows
 
 
@@ -527,9 +548,11 @@ def ffn_rows(shape: str, args) -> list[dict]:
             x = torch.randn(tokens, hidden, device=device, dtype=dense[0].gate_proj.weight.dtype)
             fns = {"dense": cycle(dense, x), "ideal": cycle(ideal, x)}
             fns["mask"] = cycle([m.forward_mask for m in routed], x)
-            if runs_kernels and tokens <= mrl.TRITON_MAX_TOKENS:  # more tokens: prefill, the kernels never run
+            if runs_kernels and tokens <= mrl.TRITON_MAX_TOKENS:  # the decode kernels
                 for v in ffn_variants(tokens):
                     fns[f"{v['mode']}/{v['reduce']}"] = cycle([kernel_call(m, v) for m in routed], x)
+            if runs_kernels and tokens > mrl.AUTO_TRITON_MAX_TOKENS:  # the prefill path, as "auto" runs it there
+                fns["prefill"] = cycle([kernel_call(m, {"mode": "prefill"}) for m in routed], x)
             n_layers = len(dense)  # each timed call cycles through every layer: report per layer
             per_call = {name: (lambda f=f: time_us(f, args.ffn_reps, device, graph) / n_layers)
                         for name, f in fns.items()}  # fmt: skip
@@ -539,7 +562,7 @@ def ffn_rows(shape: str, args) -> list[dict]:
                         "impl": name}  # fmt: skip
                 row = make_row(base, {"dense": values["dense"], "ideal": values["ideal"], name: values[name]},
                                routed=name, larger_is_faster=False, unit="us")  # fmt: skip
-                if name != "mask" and row.get("routed_us"):
+                if name not in ("mask", "prefill") and row.get("routed_us"):
                     mode, reduce = name.split("/")
                     read, kept = bytes_read(routed[0], x, {"mode": mode, "reduce": reduce})
                     row.update(bytes_read=read, kept_bytes=kept, gb_s=round(read / row["routed_us"] / 1e3, 1))
@@ -564,10 +587,15 @@ def cycle(fns, x):
 
 
 def kernel_call(mlp, variant: dict):
+    """`triton_routed_ffn` with these tiles, called as RoutedLlamaMLP.forward_triton calls it (the prefill path gets
+    the cached fp32 centroids)."""
     r = mlp.router
+    centroids = None
+    if r.kind == "centroid":
+        centroids = r.centroids_fp32() if variant.get("mode") == "prefill" else r.centroids
     kw = dict(w_gate=mlp.gate_proj.weight, w_up=mlp.up_proj.weight, w_down=mlp.down_proj.weight, top_k=r.top_k,
-              row_cluster=r.row_cluster(mlp.intermediate_size), offsets=r.expert_offsets,
-              centroids=r.centroids if r.kind == "centroid" else None, tiles=variant)  # fmt: skip
+              row_cluster=r.row_cluster(mlp.intermediate_size), offsets=r.expert_offsets, centroids=centroids,
+              tiles=variant)  # fmt: skip
     return lambda x: mrl.triton_routed_ffn(x, **kw)
 
 
@@ -646,12 +674,13 @@ def model_rows(shape: str, args) -> list[dict]:
     # the ideal arm narrows every FFN: it is only comparable when every layer routes
     ratios = [r for r in args.ratios if r < 1] if n_routed == n_layers else []
     ideals = {r: build_dense(narrower(dense.config, max(1, round(r * n)) / n), device, dtype) for r in ratios}
-    rows = decode_rows(name, dense, routed, ideals, args, compiled=False)
-    rows += prefill_rows(name, dense, routed, ideals, args)
-    rows += generate_rows(name, routed, args, rows)
+    phases = set(args.phases)
+    rows = decode_rows(name, dense, routed, ideals, args, compiled=False) if "decode" in phases else []
+    rows += prefill_rows(name, dense, routed, ideals, args) if "prefill" in phases else []
+    rows += generate_rows(name, routed, args, rows) if "generate" in phases else []
     if args.compile:
-        rows += decode_rows(name, dense, routed, ideals, args, compiled=True)
-        rows += generate_rows(name, routed, args, rows, compiled=True)
+        rows += decode_rows(name, dense, routed, ideals, args, compiled=True) if "decode" in phases else []
+        rows += generate_rows(name, routed, args, rows, compiled=True) if "generate" in phases else []
     for row in rows:
         row["routed_layers"] = f"{n_routed}/{n_layers}"
     return rows
@@ -768,7 +797,7 @@ def plot(doc: dict, path: Path):
     rows = [r for r in doc["rows"] if r.get("speedup") and r["phase"] in ("decode", "generate", "prefill")]
     ffn = [r for r in doc["rows"] if r.get("speedup") and r["phase"] == "ffn"]
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.6), dpi=110)
-    def masked(r):  # a decode row timed with routing_impl "mask" (--mask-rows), or a prefill row that ran mask
+    def masked(r):  # a decode or prefill row timed with routing_impl "mask" (--mask-rows)
         return r.get("routing_impl", r.get("impl")) == "mask"
 
     groups = sorted({(r["model"], r["phase"], r["batch"], masked(r), r["compiled"]) for r in rows})
