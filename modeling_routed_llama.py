@@ -79,11 +79,13 @@ TRITON_MAX_TOKENS = 16
 # >= 8.0 take the same choice unmeasured.
 AUTO_TRITON_MAX_TOKENS = 8
 # "auto" runs the prefill path for more than AUTO_TRITON_MAX_TOKENS tokens on the same devices, without gradients;
-# False runs mask there. Not measured yet: chosen because it computes what mask computes (the same GEMMs and fp32
-# centroid scores, h rounded as mask rounds it) in fewer launches per layer: 6 against mask's 12 with the centroid
-# router (7 against 19 with the activation router; dense LlamaMLP: 5), where the H200 measured mask at 0.84x dense for
-# the Llama-7B FFN alone at 512 tokens and whole-model prefill at 0.74-0.80x. 9-16 tokens take the prefill path too,
-# not the "dot" decode kernels (neither was measured there).
+# False runs mask there. Chosen because it computes what mask computes (the same GEMMs and fp32 centroid scores, h
+# rounded as mask rounds it: bit-identical outputs on an H200) in fewer launches per layer: 6 against mask's 12 with
+# the centroid router (7 against 19 with the activation router; dense LlamaMLP: 5). Measured only ad hoc so far (H200,
+# 2026-11-30, no committed result): Llama-7B FFN alone at 512 tokens, k/N 1/2, 250.0 us against mask 272.6 us and
+# dense 228.0 us (0.91x dense, mask 0.84x); whole-model eager prefill was host-bound there and its ratios too noisy
+# to state (benchmarks/prefill_profile.py). 9-16 tokens take the prefill path too, not the "dot" decode kernels
+# (neither was measured there).
 AUTO_PREFILL = True
 AUTO_MIN_CAPABILITY = (8, 0)
 
