@@ -103,9 +103,22 @@ class Batch:
     def length(self) -> int:
         return self.input_ids.shape[1]
 
-    def pinned(self) -> "Batch":
-        return Batch(self.input_ids.pin_memory(), self.attention_mask.pin_memory(), self.labels.pin_memory(),
-                     self.weight.pin_memory(), self.n_real)  # fmt: skip
+
+def pin_all(batches: list[Batch]) -> list[Batch]:
+    """The same batches in page-locked CPU memory (so that copying one into a graph's inputs does not block the
+    host), pinned one stacked tensor per field and length rather than batch by batch: a pack's plan is thousands of
+    batches, and each separate pin is a page-locked allocation of its own."""
+    by_length: dict[int, list[int]] = {}
+    for i, b in enumerate(batches):
+        by_length.setdefault(b.length, []).append(i)
+    out: list[Batch | None] = [None] * len(batches)
+    for idx in by_length.values():
+        group = [batches[i] for i in idx]
+        ids, mask, labels, weight = (torch.stack([getattr(b, f) for b in group]).pin_memory()
+                                     for f in ("input_ids", "attention_mask", "labels", "weight"))  # (n, ...) each
+        for j, i in enumerate(idx):
+            out[i] = Batch(ids[j], mask[j], labels[j], weight[j], group[j].n_real)
+    return out
 
 
 def collate(items: list[dict], indices: np.ndarray, batch_size: int, buckets: list[int], pad_id: int,

@@ -274,10 +274,12 @@ def packed_batches(cfgs: list[RunConfig], items: list[dict], pad_id: int, regres
     padded to the longest among them. `pin`: page-locked CPU tensors, so that copying them into a graph's inputs
     does not block the host."""
     plans = [epoch_batches(c, items, pad_id, regression) for c in cfgs]
-    out = []
-    for epoch in range(len(plans[0])):
-        steps = [data.concat([p[epoch][i] for p in plans], pad_id) for i in range(len(plans[0][epoch]))]
-        out.append([b.pinned() for b in steps] if pin else steps)
+    out = [[data.concat([p[epoch][i] for p in plans], pad_id) for i in range(len(plans[0][epoch]))]
+           for epoch in range(len(plans[0]))]  # fmt: skip
+    if pin:
+        flat = data.pin_all([b for steps in out for b in steps])
+        sizes = [len(steps) for steps in out]
+        out = [flat[sum(sizes[:e]) : sum(sizes[: e + 1])] for e in range(len(sizes))]
     return out
 
 
@@ -289,11 +291,14 @@ def fit(engine: FastEngine, cfgs: list[RunConfig], train_items: list[dict], eval
     if len(cfgs) != engine.k:
         raise ValueError(f"the engine trains {engine.k} runs, got {len(cfgs)} configs")
     pin = engine.device.type == "cuda"
-    plan = packed_batches(cfgs, train_items, engine.pad_id, engine.task.is_regression, pin)
-    engine.prepare_training(plan)
     sync = torch.cuda.synchronize if pin else (lambda: None)
+    t_plan = time.perf_counter()
+    plan = packed_batches(cfgs, train_items, engine.pad_id, engine.task.is_regression, pin)
+    t_capture = time.perf_counter()
+    engine.prepare_training(plan)  # captures (and with `compile`, compiles) one step per bucket
     sync()
     t0 = time.perf_counter()
+    phases = {"plan": t_capture - t_plan, "capture": t0 - t_capture}
     outs = [{"per_epoch": [], "train_loss": [], "predictions": None} for _ in cfgs]
     total = sum(len(b) for b in plan)
     warmup = math.ceil(engine.cfg.warmup_ratio * total)
@@ -315,5 +320,6 @@ def fit(engine: FastEngine, cfgs: list[RunConfig], train_items: list[dict], eval
     seconds = time.perf_counter() - t0
     shapes = sorted(k[1] for k in engine.captured if k[0] == "train")
     for o in outs:
-        o.update(train_seconds=seconds, steps=total, group_size=engine.k, shapes=shapes)
+        o.update(train_seconds=seconds, steps=total, group_size=engine.k, shapes=shapes,
+                 phase_seconds={**phases, "train": seconds})  # fmt: skip
     return outs

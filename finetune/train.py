@@ -144,15 +144,19 @@ def fit_fast(setups: list[Setup], cfgs: list[RunConfig], task: tasks.Task, preci
     def score(preds: np.ndarray) -> dict:
         return tasks.compute_metrics(task, preds, labels)
 
+    t0 = time.perf_counter()
     pack = packed.Pack([s.model for s in setups]) if len(setups) > 1 else None
     model = setups[0].model if pack is None else pack.model
     model.to(device)
     engine = fast.FastEngine(model, cfgs[0], task, setups[0].tokenizer.pad_token_id, precision, device, len(setups))
+    t_before = time.perf_counter()
     preds, losses = engine.predict(eval_items)  # (K, n), (K,)
     befores = [{**score(p), "loss": float(l)} for p, l in zip(preds, losses)]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    t_fit = time.perf_counter()
     outcomes = fast.fit(engine, cfgs, items, eval_items, score)
+    t_off = time.perf_counter()
     offs = [None] * len(setups)
     if setups[0].routed and cfgs[0].eval_routing_off:
         with setups[0].routing_off():  # the packed model is run 0's base, with packed modules swapped in
@@ -161,8 +165,11 @@ def fit_fast(setups: list[Setup], cfgs: list[RunConfig], task: tasks.Task, preci
     engine.close()
     if pack is not None:
         pack.unpack()
+    phases = {"pack_and_move": t_before - t0, "before_eval": t_fit - t_before, "routing_off_eval_and_unpack":
+              time.perf_counter() - t_off}  # fmt: skip
     for o, before, off in zip(outcomes, befores, offs):
         o["before"], o["routing_off"] = before, off
+        o["phase_seconds"] = {**phases, **o["phase_seconds"]}
     return outcomes
 
 
@@ -186,12 +193,15 @@ def run_group(cfgs: list[RunConfig | dict]) -> list[dict]:
         raise ValueError("the Trainer engine trains one run at a time")
     t_start = time.perf_counter()
     setups = prepare_group(cfgs, task)
+    prepare_seconds = time.perf_counter() - t_start
     precision = resolve_precision(cfgs[0].precision)
     if engine == "fast":
         outcomes = fit_fast(setups, cfgs, task, precision)
     else:
         outcomes = [fit_trainer(setups[0], cfgs[0], task, precision)]
     seconds = time.perf_counter() - t_start
+    for o in outcomes:
+        o["phase_seconds"] = {"prepare": prepare_seconds, **o.get("phase_seconds", {})}
     results = []
     for c, s, o in zip(cfgs, setups, outcomes):
         results.append(assemble(c, task, s, o, engine, precision, seconds))
@@ -221,6 +231,9 @@ def assemble(cfg: RunConfig, task: tasks.Task, s: Setup, o: dict, engine: str, p
         "world_size": int(os.environ.get("WORLD_SIZE", "1")),
         "device": os.environ.get("CUDA_VISIBLE_DEVICES") or None,  # the GPU a runner worker was placed on
         "train_loss": o.get("train_loss"), "shapes": o.get("shapes"), "group_size": o.get("group_size", 1),
+        # where the run's (its pack's) time went: load and copy the model, pack it, score before training, build the
+        # batch plan, capture (and compile) the steps, train with evaluations, score routing off (fast engine)
+        "phase_seconds": {k: round(v, 3) for k, v in o.get("phase_seconds", {}).items()},
         "hardware": hardware_name(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "base_fingerprint": s.fingerprint, "config": dataclasses.asdict(cfg),
     }  # fmt: skip

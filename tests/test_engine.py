@@ -407,6 +407,31 @@ def test_train_speed_benchmark_rows(tiny_tok_dir, tmp_path):
     assert got == [("plain", "fast", 1), ("other", "fast", 1), ("plain", "fast", 2), ("other", "fast", 2)]
     for r in doc["rows"]:
         assert r["run_seconds"] >= r["train_seconds"] > 0 and r["compile"] is False
+        phases = r["phase_seconds"]
+        assert set(phases) == {"prepare", "pack_and_move", "before_eval", "plan", "capture", "train",
+                               "routing_off_eval_and_unpack"}  # fmt: skip
+        assert phases["train"] == r["train_seconds"] and sum(phases.values()) <= r["run_seconds"] * 1.01
         assert r["runs_per_gpu_hour"] == pytest.approx(3600 * r["jobs"] / r["run_seconds"], rel=1e-3)
     assert (out / "runs_per_gpu_hour.png").stat().st_size > 0
     assert bench.main(["--arm", "plain", "--data-dir", str(glue)]) == 2
+
+
+def test_pin_all_keeps_every_batch_and_pins_one_tensor_per_field_and_length(monkeypatch):
+    """pin_all: the same batches in the same order, backed by one pinned tensor per (field, length)."""
+    pinned = []
+
+    def fake_pin(t):  # no CUDA here: record the call, return a copy as pin_memory does
+        pinned.append(tuple(t.shape))
+        return t.clone()
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    cfg = RunConfig(task="rte", batch_size=4, max_length=64, buckets=[16, 32, 64], epochs=1)
+    items = _items(30, seed=4, max_len=60)
+    plan = fast.epoch_batches(cfg, items, PAD, regression=False)[0]
+    got = data.pin_all(plan)
+    assert len(got) == len(plan) and len({b.length for b in plan}) == 3
+    assert len(pinned) == 4 * 3  # 4 fields x 3 lengths, not 4 x len(plan)
+    for a, b in zip(plan, got):
+        assert a.n_real == b.n_real
+        for f in ("input_ids", "attention_mask", "labels", "weight"):
+            torch.testing.assert_close(getattr(a, f), getattr(b, f), rtol=0, atol=0)
