@@ -43,11 +43,12 @@ class RoutedLlamaConfig(LlamaConfig):
             Uneven sizes are allowed (they arise where N does not divide `intermediate_size`).
         routing_impl (`str`, defaults to `"auto"`):
             How a routed FFN is computed. `"mask"`: the reference; compute the whole FFN, zero the unselected
-            clusters. `"sparse"`: compute only the selected clusters (Triton kernels on CUDA for up to 16 tokens
-            without gradients, grouped by cluster in PyTorch otherwise). `"auto"`: the Triton kernels for up to 8
-            tokens (decoding) on CUDA GPUs of compute capability 8.0 or newer, `"mask"` everywhere else (prefill,
-            training, CPU), as measured on an H200; see `AUTO_TRITON_MAX_TOKENS` and `triton_mode` in
-            modeling_routed_llama.py.
+            clusters. `"sparse"`: without gradients on CUDA, the Triton decode kernels (only the selected clusters'
+            weights are read) for up to 16 tokens and the prefill path above (cuBLAS GEMMs and one Triton kernel
+            that ranks and masks); with gradients, the selected clusters grouped in PyTorch. `"auto"`, on CUDA GPUs
+            of compute capability 8.0 or newer without gradients: the decode kernels for up to 8 tokens and the
+            prefill path above; `"mask"` everywhere else (training, CPU). See `AUTO_TRITON_MAX_TOKENS`,
+            `AUTO_PREFILL` and `triton_mode` in modeling_routed_llama.py.
         base_model_name_or_path (`str`, *optional*):
             Provenance: the dense checkpoint this one was converted from.
         partition_method (`str`, *optional*):

@@ -159,7 +159,12 @@ def auto_checks(args) -> list[dict]:
     on_gpu = device.type == "cuda" and torch.cuda.get_device_capability(device) >= mrl.AUTO_MIN_CAPABILITY
     records = []
     for tokens in (1, mrl.AUTO_TRITON_MAX_TOKENS, mrl.AUTO_TRITON_MAX_TOKENS + 1, 512):
-        expected = "triton" if on_gpu and tokens <= mrl.AUTO_TRITON_MAX_TOKENS and mrl.triton is not None else "mask"
+        if not on_gpu or mrl.triton is None:
+            expected = "mask"
+        elif tokens <= mrl.AUTO_TRITON_MAX_TOKENS:
+            expected = "triton"
+        else:
+            expected = "prefill" if mrl.AUTO_PREFILL else "mask"
         record = {"check": "auto", "tokens": tokens, "expected": expected,
                   "capability": list(torch.cuda.get_device_capability(device)) if device.type == "cuda" else None}
 

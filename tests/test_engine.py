@@ -411,7 +411,7 @@ def test_train_speed_benchmark_rows(tiny_tok_dir, tmp_path):
         assert set(phases) == {"prepare", "pack_and_move", "before_eval", "plan", "capture", "train",
                                "routing_off_eval_and_unpack"}  # fmt: skip
         assert phases["train"] == r["train_seconds"] and sum(phases.values()) <= r["run_seconds"] * 1.01
-        assert r["runs_per_gpu_hour"] == pytest.approx(3600 * r["jobs"] / r["run_seconds"], rel=1e-3)
+        assert r["runs_per_gpu_hour"] == pytest.approx(3600 * r["jobs"] / r["run_seconds"], rel=1e-2)  # both rounded
     assert (out / "runs_per_gpu_hour.png").stat().st_size > 0
     assert bench.main(["--arm", "plain", "--data-dir", str(glue)]) == 2
 
