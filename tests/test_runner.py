@@ -209,7 +209,8 @@ def _configs(tiny) -> list[RunConfig]:
 
 def _deterministic(r: dict) -> dict:
     """A run's result without what depends on when and how fast it ran."""
-    skip = ("train_seconds", "run_seconds", "train_tokens_per_s", "date", "config", "peak_gpu_mem_bytes")
+    skip = ("train_seconds", "run_seconds", "phase_seconds", "train_tokens_per_s", "date", "config",
+            "peak_gpu_mem_bytes")  # fmt: skip
     return {k: v for k, v in r.items() if k not in skip}
 
 
