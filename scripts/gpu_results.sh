@@ -70,6 +70,14 @@ if wants decode && [ ! -f "$OUT/decode/decode.json" ]; then
     --compile --compile-batches 1 --out "$OUT/decode"  # compiled rows: ~1 min of compiling per (model, k)
 fi
 
+# results/prefill: the prefill path against dense and mask (FFN alone and whole model), and a profile of one prefill
+if wants decode && [ ! -f "$OUT/prefill/prefill_profile.json" ]; then
+  step "prefill -> $OUT/prefill"
+  run prefill "$PY" benchmarks/decode.py --out "$OUT/prefill" --shapes llama7b tinyllama --phases prefill \
+    --ratios 0.5 0.25 1 --repeats 5 --ffn-tokens 512 --mask-rows
+  run prefill-profile "$PY" benchmarks/prefill_profile.py --out "$OUT/prefill" --shapes llama7b tinyllama
+fi
+
 # results/decode-standin: decode speed of the base itself (real weights)
 if wants decode-standin && [ ! -f "$OUT/decode-standin/decode.json" ]; then
   step "decode-standin -> $OUT/decode-standin"
@@ -93,6 +101,17 @@ if wants train-speed && [ ! -f "$OUT/train-speed/train_speed.json" ]; then
     --output "$OUT/train-speed"
 fi
 
+# results/train-speed-compile: the same with --compile (opt-in), then a worker's steady state (its second pack of 16)
+if wants train-speed && [ ! -f "$OUT/train-speed-compile/compile-steady/train_speed.json" ]; then
+  step "train-speed-compile -> $OUT/train-speed-compile"
+  routed_arms
+  run train-speed-compile "$PY" benchmarks/train_speed.py --arm "plain=$BASE" --arm "last8=$CK/routed-last8" \
+    --arm "all30=$CK/routed-all" --data-dir "$GLUE" --task rte --epochs 5 --jobs 1 8 16 --jobs-arms 8 \
+    --trainer-epochs 0 --compile --output "$OUT/train-speed-compile/compile"
+  run train-speed-steady "$PY" benchmarks/train_speed.py --arm "plain=$BASE" --data-dir "$GLUE" --task rte --epochs 5 \
+    --jobs 16 16 --trainer-epochs 0 --compile --output "$OUT/train-speed-compile/compile-steady"
+fi
+
 # results/train-profile, results/train-probe: where a training step's time goes (eager vs one CUDA graph per step)
 if wants train-speed && [ ! -f "$OUT/train-profile/profile.json" ]; then
   step "train-profile -> $OUT/train-profile, $OUT/train-probe"
@@ -104,16 +123,18 @@ if wants train-speed && [ ! -f "$OUT/train-profile/profile.json" ]; then
 fi
 
 # results/rte-standin-lr5e-4, results/rte-standin-lr2e-5: plain vs routed LoRA on RTE, 5 seeds per arm, with the
-# Trainer engine (as committed); results/rte-standin-lr5e-4-fast: the same at lr 5e-4 with the fast engine
+# Trainer engine (as committed); results/rte-standin-lr5e-4-fast: the same at lr 5e-4 with the fast engine;
+# results/rte-standin-lr5e-4-fast-compile: the fast engine with --compile
 if wants rte; then
   routed_arms
-  # lr:engine:group:suffix; the fast engine trains the 5 seeds of an arm packed into one model
-  for run_ in 5e-4:trainer:1: 2e-5:trainer:1: 5e-4:fast:5:-fast; do
-    IFS=: read -r lr engine group suffix <<<"$run_"
+  # lr:engine:group:suffix:flags; the fast engine trains the 5 seeds of an arm packed into one model
+  for run_ in 5e-4:trainer:1:: 2e-5:trainer:1:: 5e-4:fast:5:-fast: 5e-4:fast:5:-fast-compile:--compile; do
+    IFS=: read -r lr engine group suffix flags <<<"$run_"
     name=rte-standin-lr$lr$suffix
-    step "rte lr $lr, $engine engine -> $OUT/$name"
+    step "rte lr $lr, $engine engine $flags -> $OUT/$name"
+    # shellcheck disable=SC2086  # $flags is empty or one flag
     run "$name" "$PY" -m finetune compare --model "$BASE" --task rte --data-dir "$GLUE" --lr "$lr" \
-      --engine "$engine" --seeds 0 1 2 3 4 "${ARMS[@]}" --checkpoint-dir "$CK" --jobs "$JOBS" --group $group \
+      --engine "$engine" --seeds 0 1 2 3 4 "${ARMS[@]}" --checkpoint-dir "$CK" --jobs "$JOBS" --group $group $flags \
       --output "$OUT/$name" --resume
   done
 fi
