@@ -6,12 +6,13 @@
 Checks (one record each: {check, ..., ok, and the measured error or the error message}):
 - "kernel": `triton_routed_ffn` against the mask reference (`forward_mask`), for fp32, bf16 and fp16, both routers,
   cluster layouts that are uneven and have N not a power of two, 1-8 and 16 tokens, every multiply mode and both
-  reductions. Half-precision outputs are compared with an fp32 reference computed on the same rounded weights.
+  reductions; 17 and 512 tokens through the prefill path, whose reference is the mask path in the same dtype. Half-precision outputs are compared with an fp32 reference computed on the same rounded weights.
   Metric: max |out - ref| / max |ref| over the tokens whose k-th and (k+1)-th reference scores are not a near tie
   (relative gap >= 1e-5; such tokens may legitimately route differently and are counted in `near_ties`).
   Tolerances: TOL.
 - "graph": the same comparison for a call captured in a CUDA graph and replayed on new inputs.
-- "auto": routing_impl "auto" picks "triton" for 1..AUTO_TRITON_MAX_TOKENS tokens on this GPU and "mask" above.
+- "auto": routing_impl "auto" picks "triton" for 1..AUTO_TRITON_MAX_TOKENS tokens on this GPU and the prefill
+  path ("prefill") above (or "mask" where AUTO_PREFILL is off).
 - "decode_step": a `GreedyDecodeStep` captured in a CUDA graph where gradients are enabled (as a caller may leave
   them; parameters require grad) runs the Triton kernels in every routed layer, batch 1 and 4, with the multiply
   mode `triton_mode` gives ("gemv1", "dot"); recorded from the layers' `pick_impl` during the capture.
@@ -84,8 +85,14 @@ def compare(out: torch.Tensor, ref: torch.Tensor, scores: torch.Tensor, k: int) 
     return ((o - r).abs().max() / r.abs().max().clamp_min(1e-30)).item(), int(tie.sum())
 
 
-def reference(ref_mlp, x):
-    """(fp32 reference output, its router scores) for x."""
+def reference(ref_mlp, x, mlp=None, variant=None):
+    """(reference output, its router scores) for x: the mask path in fp32 on the same rounded weights; for the
+    prefill path, the mask path in x's own dtype (`mlp`), whose rounding it reproduces (in bf16 the activation
+    router scores bf16 activations in both, which an fp32 reference would rank differently)."""
+    if variant is not None and variant.get("mode") == "prefill":
+        with torch.no_grad():
+            h = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
+            return mlp.forward_mask(x), mlp.router.scores(x, h)
     with torch.no_grad():
         xf = x.float()
         h = ref_mlp.act_fn(ref_mlp.gate_proj(xf)) * ref_mlp.up_proj(xf)
@@ -93,6 +100,8 @@ def reference(ref_mlp, x):
 
 
 def variants(tokens: int, quick: bool) -> list[dict]:
+    if tokens > mrl.TRITON_MAX_TOKENS:  # the prefill path: one variant (cuBLAS GEMMs, one routing kernel)
+        return [{"mode": "prefill"}]
     if quick:
         return [{"mode": mrl.triton_mode(tokens), "reduce": "split"}]
     modes = ["gemv1"] if tokens == 1 else ["gemv", "dot"]
@@ -117,7 +126,8 @@ def case_checks(case, router, dtype, args) -> list[dict]:
     mlp = routed_mlp(case, router, dtype, device)
     ref_mlp = routed_mlp(case, router, dtype, device).float()  # same seed: the same rounded weights, in fp32
     records = []
-    for tokens in (1, 3, 8) if args.quick else (1, 2, 4, 8, 16):
+    # decode kernels up to TRITON_MAX_TOKENS (16), the prefill path above it (17: a partial token tile; 512: prefill)
+    for tokens in (1, 3, 8, 17) if args.quick else (1, 2, 4, 8, 16, 17, 512):
         for variant in variants(tokens, args.quick):
             base = {"hidden": case[0], "intermediate": case[1], "N": case[2], "k": case[3], "uneven": case[4],
                     "router": router, "dtype": str(dtype).split(".")[1], "tokens": tokens, **variant}  # fmt: skip
@@ -131,7 +141,7 @@ def case_checks(case, router, dtype, args) -> list[dict]:
 def one_kernel(record, mlp, ref_mlp, x, variant, dtype):
     with torch.no_grad():
         out = kernel_call(mlp, variant)(x)
-    ref, scores = reference(ref_mlp, x)
+    ref, scores = reference(ref_mlp, x, mlp, variant)
     record["rel_err"], record["near_ties"] = compare(out, ref, scores, mlp.router.top_k)
     record["ok"] = out.dtype == dtype and out.shape == x.shape and record["rel_err"] <= TOL[dtype]
 
@@ -147,7 +157,7 @@ def one_graph(record, mlp, ref_mlp, x, variant, dtype):
         xs.copy_(torch.randn_like(xs.float()).to(dtype))
         graph.replay()
     torch.cuda.synchronize()
-    ref, scores = reference(ref_mlp, xs)
+    ref, scores = reference(ref_mlp, xs, mlp, variant)
     record["rel_err"], record["near_ties"] = compare(ys, ref, scores, mlp.router.top_k)
     record["ok"] = record["rel_err"] <= TOL[dtype]
 
