@@ -435,3 +435,33 @@ def test_pin_all_keeps_every_batch_and_pins_one_tensor_per_field_and_length(monk
         assert a.n_real == b.n_real
         for f in ("input_ids", "attention_mask", "labels", "weight"):
             torch.testing.assert_close(getattr(a, f), getattr(b, f), rtol=0, atol=0)
+
+
+def test_compile_drift_benchmark_on_a_tiny_routed_model(tiny_tok_routed_dir, tmp_path):
+    """benchmarks/compile_drift.py on the CPU: rows with routing on and off for a routed checkpoint, tie shares per
+    routed layer, JSON and PNG; bad input exit 2."""
+    import importlib.util
+    import json
+
+    from conftest import ROOT
+    from routed_llama.hardware import compile_problem
+
+    if compile_problem("cpu"):
+        pytest.skip(compile_problem("cpu"))
+    spec = importlib.util.spec_from_file_location("compile_drift", ROOT / "benchmarks" / "compile_drift.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    glue = _tiny_glue(tmp_path / "glue", n_train=4, n_dev=6)
+    out = tmp_path / "drift"
+    argv = ["--model", str(tiny_tok_routed_dir), "--data-dir", str(glue), "--examples", "6", "--batch", "4",
+            "--max-length", "32", "--device", "cpu", "--out", str(out)]  # fmt: skip
+    assert bench.main(argv) == 0
+    doc = json.loads((out / "compile_drift.json").read_text())
+    assert [(r["routing"], r["change"]) for r in doc["rows"]] == [("on", "perturb"), ("off", "perturb"),
+                                                                   ("on", "compile"), ("off", "compile")]
+    for r in doc["rows"]:
+        assert 0 <= r["mean_abs_diff"] <= r["max_abs_diff"] < 1 and 0 <= r["argmax_agreement"] <= 1
+    (ties,) = doc["ties"].values()
+    assert ties and all(0 <= v <= 1 for v in ties.values())
+    assert (out / "compile_drift.png").stat().st_size > 0
+    assert bench.main([*argv[:-2], "--examples", "0", "--out", str(out)]) == 2
