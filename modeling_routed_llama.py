@@ -143,9 +143,13 @@ class RoutedLlamaRouter(nn.Module):
         self._centroids_fp32 = None  # (centroids tensor, its version, fp32 copy); a cache, not state
 
     def scores(self, x: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
-        """Cluster scores in fp32, (M, N), for tokens x (M, H); the activation router also needs h (M, I)."""
+        """Cluster scores, (M, N), for tokens x (M, H); the activation router also needs h (M, I). fp32, except the
+        centroid router's under autocast (below)."""
         if self.kind == "centroid":
-            # fp32 so that bf16 rounding does not create ties that different implementations break differently
+            # fp32 so that bf16 rounding does not create ties that different implementations break differently.
+            # Under a bf16 autocast (training and scoring in the finetune harness) autocast runs this product in bf16
+            # anyway; that is kept, as every committed run was made so, and fp32 scores left the all-30 model about
+            # as sensitive to rounding (an ad hoc check, results/compile-drift/README.md)
             return F.linear(x.float(), self.centroids.float())  # (M, N)
         sq = torch.zeros(h.shape[0], self.num_experts, device=h.device, dtype=torch.float32)  # (M, N)
         sq.index_add_(1, self.expert_of_neuron(h.shape[-1]), h.float().square())
