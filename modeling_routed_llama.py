@@ -80,12 +80,12 @@ TRITON_MAX_TOKENS = 16
 AUTO_TRITON_MAX_TOKENS = 8
 # "auto" runs the prefill path for more than AUTO_TRITON_MAX_TOKENS tokens on the same devices, without gradients;
 # False runs mask there. Chosen because it computes what mask computes (the same GEMMs and fp32 centroid scores, h
-# rounded as mask rounds it: bit-identical outputs on an H200) in fewer launches per layer: 6 against mask's 12 with
-# the centroid router (7 against 19 with the activation router; dense LlamaMLP: 5). Measured only ad hoc so far (H200,
-# 2026-11-30, no committed result): Llama-7B FFN alone at 512 tokens, k/N 1/2, 250.0 us against mask 272.6 us and
-# dense 228.0 us (0.91x dense, mask 0.84x); whole-model eager prefill was host-bound there and its ratios too noisy
-# to state (benchmarks/prefill_profile.py). 9-16 tokens take the prefill path too, not the "dot" decode kernels
-# (neither was measured there).
+# rounded as mask rounds it: bit-identical in the interpreter tests) in fewer launches per layer: 6 against mask's 12
+# with the centroid router (7 against 19 with the activation router; dense LlamaMLP: 5). Measured (results/prefill/,
+# H200, bf16, 2026-11-30): Llama-7B FFN alone at 512 tokens, 255.4 us at k/N 1/2 and 251.1 us at 1/4 against mask
+# 278.3 / 276.4 us and dense 231.0 / 232.9 us (0.90x / 0.93x dense, mask 0.83x / 0.84x); whole-model eager prefill is
+# host-bound (benchmarks/prefill_profile.py) and its wall-clock ratios were too noisy to state. 9-16 tokens take the
+# prefill path too, not the "dot" decode kernels (neither was measured there).
 AUTO_PREFILL = True
 AUTO_MIN_CAPABILITY = (8, 0)
 
