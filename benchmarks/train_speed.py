@@ -41,7 +41,7 @@ def row(arm: str, mode: str, results: list[dict], wall: float) -> dict:
         "peak_gpu_mem_bytes": r["peak_gpu_mem_bytes"], "runs_per_gpu_hour": round(3600 * len(results) / wall, 1),
         "final": [x["final"][x["primary_metric"]] for x in results], "shapes": r.get("shapes"),
         "precision": r["precision"], "compile": r["config"].get("compile", False),
-        "phase_seconds": r.get("phase_seconds"),
+        "phase_seconds": r.get("phase_seconds"), "gpu_pools": r.get("gpu_pools"),
     }  # fmt: skip
 
 

@@ -72,6 +72,23 @@ def uncompile_layers(layers: list[torch.nn.Module]):
         layer.__dict__.pop("forward", None)
 
 
+def gpu_pools() -> dict | None:
+    """Where the CUDA caching allocator holds memory now, by pool: the captured graphs' private pools against the
+    default pool (bytes reserved and allocated, segments), or None without CUDA. Taken while a pack's graphs are
+    alive, it says which one holds a routed arm's extra memory."""
+    if not torch.cuda.is_available():
+        return None
+    snap = torch.cuda.memory_snapshot()
+    segments = snap["segments"] if isinstance(snap, dict) else snap
+    out = {name: {"reserved": 0, "allocated": 0, "segments": 0} for name in ("default", "graphs")}
+    for seg in segments:
+        name = "default" if tuple(seg.get("segment_pool_id", (0, 0))) == (0, 0) else "graphs"
+        out[name]["reserved"] += int(seg["total_size"])
+        out[name]["allocated"] += int(seg["allocated_size"])
+        out[name]["segments"] += 1
+    return out
+
+
 def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
     """transformers' `get_linear_schedule_with_warmup` at optimizer step `step` (0-based)."""
     if step < warmup:

@@ -156,6 +156,7 @@ def fit_fast(setups: list[Setup], cfgs: list[RunConfig], task: tasks.Task, preci
         torch.cuda.reset_peak_memory_stats()
     t_fit = time.perf_counter()
     outcomes = fast.fit(engine, cfgs, items, eval_items, score)
+    pools = fast.gpu_pools()  # with the pack's graphs alive
     t_off = time.perf_counter()
     offs = [None] * len(setups)
     if setups[0].routed and cfgs[0].eval_routing_off:
@@ -170,6 +171,7 @@ def fit_fast(setups: list[Setup], cfgs: list[RunConfig], task: tasks.Task, preci
     for o, before, off in zip(outcomes, befores, offs):
         o["before"], o["routing_off"] = before, off
         o["phase_seconds"] = {**phases, **o["phase_seconds"]}
+        o["gpu_pools"] = pools
     return outcomes
 
 
@@ -234,6 +236,7 @@ def assemble(cfg: RunConfig, task: tasks.Task, s: Setup, o: dict, engine: str, p
         # where the run's (its pack's) time went: load and copy the model, pack it, score before training, build the
         # batch plan, capture (and compile) the steps, train with evaluations, score routing off (fast engine)
         "phase_seconds": {k: round(v, 3) for k, v in o.get("phase_seconds", {}).items()},
+        "gpu_pools": o.get("gpu_pools"),  # fast engine on CUDA: allocator memory by pool after training
         "hardware": hardware_name(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "base_fingerprint": s.fingerprint, "config": dataclasses.asdict(cfg),
     }  # fmt: skip

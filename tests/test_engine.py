@@ -465,3 +465,19 @@ def test_compile_drift_benchmark_on_a_tiny_routed_model(tiny_tok_routed_dir, tmp
     assert ties and all(0 <= v <= 1 for v in ties.values())
     assert (out / "compile_drift.png").stat().st_size > 0
     assert bench.main([*argv[:-2], "--examples", "0", "--out", str(out)]) == 2
+
+
+def test_gpu_pools_sums_the_allocator_segments_by_pool(monkeypatch):
+    """gpu_pools: None without CUDA; with it, segments of the default pool (0, 0) and of graph pools summed apart
+    (a fake allocator snapshot, in both of the shapes torch versions return)."""
+    assert fast.gpu_pools() is None or torch.cuda.is_available()
+    segments = [
+        {"segment_pool_id": (0, 0), "total_size": 100, "allocated_size": 60},
+        {"segment_pool_id": (1, 2), "total_size": 50, "allocated_size": 50},
+        {"segment_pool_id": (1, 3), "total_size": 30, "allocated_size": 10},
+    ]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for snap in (segments, {"segments": segments, "device_traces": []}):
+        monkeypatch.setattr(torch.cuda, "memory_snapshot", lambda snap=snap: snap)
+        assert fast.gpu_pools() == {"default": {"reserved": 100, "allocated": 60, "segments": 1},
+                                    "graphs": {"reserved": 80, "allocated": 60, "segments": 2}}  # fmt: skip

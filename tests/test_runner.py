@@ -210,7 +210,7 @@ def _configs(tiny) -> list[RunConfig]:
 def _deterministic(r: dict) -> dict:
     """A run's result without what depends on when and how fast it ran."""
     skip = ("train_seconds", "run_seconds", "phase_seconds", "train_tokens_per_s", "date", "config",
-            "peak_gpu_mem_bytes")  # fmt: skip
+            "peak_gpu_mem_bytes", "gpu_pools")  # fmt: skip
     return {k: v for k, v in r.items() if k not in skip}
 
 
