@@ -26,7 +26,7 @@ from routed_llama.errors import UserError
 from routed_llama.io import command_line, write_file, write_json, write_text
 
 from .config import RunConfig
-from .runner import RESULT_KEYS, check_count, config_record, read_json_strict, resolve_jobs, run_many
+from .runner import RESULT_KEYS, check_count, complete_record, config_record, read_json_strict, resolve_jobs, run_many
 
 FORMAT_VERSION = 2
 PLAN_FILE = "compare.json"  # the comparison's settings, written first: what --resume checks against
@@ -187,7 +187,10 @@ def start_output(settings: CompareSettings, recipe: RunConfig):
         if settings.resume:
             if not plan_file.is_file():
                 raise UserError(f"{out} holds no {PLAN_FILE}: not a comparison that can be resumed")
-            if read_json_strict(plan_file) != json.loads(json.dumps(plan)):
+            recorded = read_json_strict(plan_file)
+            if isinstance(recorded, dict) and isinstance(recorded.get("recipe"), dict):
+                recorded["recipe"] = complete_record(recorded["recipe"])  # a plan from before a RunConfig field
+            if recorded != json.loads(json.dumps(plan)):
                 raise UserError(f"{out} holds a comparison with other settings; --resume needs the same ones")
             return
         if not settings.overwrite:

@@ -105,6 +105,12 @@ def config_record(cfg: RunConfig) -> dict:
     return rec
 
 
+def complete_record(rec: dict) -> dict:
+    """A recorded config with the RunConfig fields it predates filled in with their defaults: a run made before a
+    field existed ran as that field's default does (e.g. `compile`), so its result still matches its config."""
+    return {**config_record(RunConfig()), **rec}
+
+
 def read_result(run_dir: Path, cfg: RunConfig | None = None) -> dict | None:
     """The run's result.json if it is complete (strict JSON with every key a result has), else None. With `cfg`,
     a complete result of another config raises UserError (it is not this run's: never replaced silently)."""
@@ -116,7 +122,7 @@ def read_result(run_dir: Path, cfg: RunConfig | None = None) -> dict | None:
     if not isinstance(r, dict) or any(k not in r for k in RESULT_KEYS):
         return None
     if cfg is not None:
-        have, want = dict(r["config"]), config_record(cfg)
+        have, want = complete_record(dict(r["config"])), config_record(cfg)
         have.pop("output_dir", None)
         if have != want:
             diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))

@@ -182,6 +182,15 @@ def test_resume_needs_the_same_comparison(compared, tiny, tmp_path):
         compare(_settings(tiny, out, resume=True, seeds=[0, 1, 2]), _recipe(tiny))
     with pytest.raises(UserError, match="other settings"):
         compare(_settings(tiny, out, resume=True), replace(_recipe(tiny), lr=1e-3))
+    # a plan recorded before a RunConfig field existed (here `compile`) is the same plan as today's default
+    plan = json.loads((out / "compare.json").read_text())
+    del plan["recipe"]["compile"]
+    (out / "compare.json").write_text(json.dumps(plan))
+    with pytest.raises(UserError, match="other settings"):
+        compare(_settings(tiny, out, resume=True), replace(_recipe(tiny), compile=True))
+    for f in out.glob("runs/*/result.json"):  # as if made here: the converted arm's checkpoint is under `out`
+        f.write_text(f.read_text().replace(str(src), str(out)))
+    compare(_settings(tiny, out, resume=True), _recipe(tiny))  # every run kept: nothing trains
     (out / "compare.json").unlink()
     with pytest.raises(UserError, match="not a comparison that can be resumed"):
         compare(_settings(tiny, out, resume=True), _recipe(tiny))

@@ -187,6 +187,12 @@ def test_read_result_strict_and_complete(tmp_path):
     assert runner.read_result(tmp_path, replace(cfg, output_dir="elsewhere")) == r
     with pytest.raises(runner.UserError, match=r"other settings \(lr differ\)"):
         runner.read_result(tmp_path, replace(cfg, lr=1e-3))
+    # a result recorded before a field existed (here `compile`) ran as its default: it matches the default only
+    old = {**r, "config": {k: v for k, v in r["config"].items() if k != "compile"}}
+    (tmp_path / "result.json").write_text(json.dumps(old))
+    assert runner.read_result(tmp_path, cfg) == old
+    with pytest.raises(runner.UserError, match=r"other settings \(compile differ\)"):
+        runner.read_result(tmp_path, replace(cfg, compile=True))
 
 
 def test_existing_run_folders_without_resume_are_refused(tmp_path):
