@@ -600,7 +600,8 @@ def _header_lines(s: dict) -> list[str]:
         "",
         f"- recipe: LoRA r={st['lora_r']} alpha={st['lora_alpha']} on {','.join(st['lora_targets'])}, "
         f"{st['epochs']:g} epochs, batch {st['batch_size']}, warmup {st['warmup_ratio']:g}, linear decay, "
-        f"max length {st['max_length']}, precision {s['precision']}",
+        f"max length {st['max_length']}, precision {s['precision']}"
+        + (", decoder layers compiled (--compile)" if st.get("compile") else ""),
         f"- seeds: {', '.join(map(str, seeds))} ({len(seeds)} per arm, paired across arms)",
         f"- headline: **{m} after the final epoch** (no epoch picked on dev), mean ± sample std over seeds",
         f"- statistics (unit: the seed): Δ with a {s['statistics']['delta_ci']}; p: {s['statistics']['tests']}; "

@@ -356,3 +356,15 @@ def test_missing_data_is_refused_before_any_run(tiny, tmp_path):
     with pytest.raises(UserError, match="no RTE/ folder"):
         compare(_settings(tiny, out), replace(_recipe(tiny), data_dir=str(tmp_path)))
     assert not out.exists()
+
+
+def test_report_header_names_compiled_runs(compared):
+    """The report's recipe line says when the runs were compiled (--compile) and is unchanged when they were not."""
+    from finetune import compare as compare_module
+
+    _, summary, _ = compared
+    plain = compare_module._header_lines(summary)
+    assert not any("compiled" in line for line in plain)
+    compiled = compare_module._header_lines({**summary, "settings": {**summary["settings"], "compile": True}})
+    assert [line for line in compiled if line not in plain] == [
+        next(line for line in plain if line.startswith("- recipe:")) + ", decoder layers compiled (--compile)"]
