@@ -60,11 +60,13 @@ def compile_problem(device: str | None = None) -> str | None:
         except ImportError:
             return "no compiler backend: inductor needs Triton on a GPU, and it does not import"
         return None
-    try:  # inductor's own search ($CXX, then g++/clang++ and the like), so that the check agrees with it
+    try:
         from torch._inductor.cpp_builder import get_cpp_compiler
-
+    except ImportError:  # an inductor without this function: look on PATH as it would
+        found = shutil.which("g++") or shutil.which("clang++")
+        return None if found else "no compiler backend: inductor needs a C++ compiler on the CPU (g++ or clang++)"
+    try:  # inductor's own search ($CXX, then g++/clang++ and the like), so that the check agrees with it
         get_cpp_compiler()
-    except Exception as exc:  # InvalidCxxCompiler, or an inductor without this function
-        if not shutil.which("g++") and not shutil.which("clang++"):
-            return f"no compiler backend: inductor needs a C++ compiler on the CPU ({type(exc).__name__})"
+    except Exception as exc:  # InvalidCxxCompiler: inductor would fail the same way
+        return f"no compiler backend: inductor needs a C++ compiler on the CPU ({type(exc).__name__})"
     return None

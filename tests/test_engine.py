@@ -481,3 +481,18 @@ def test_gpu_pools_sums_the_allocator_segments_by_pool(monkeypatch):
         monkeypatch.setattr(torch.cuda, "memory_snapshot", lambda snap=snap: snap)
         assert fast.gpu_pools() == {"default": {"reserved": 100, "allocated": 60, "segments": 1},
                                     "graphs": {"reserved": 80, "allocated": 60, "segments": 2}}  # fmt: skip
+
+
+def test_compile_problem_follows_inductors_own_compiler_search(monkeypatch):
+    """On the CPU the check asks inductor's own compiler search: where inductor refuses (e.g. $CXX names no compiler),
+    so does the check, even with g++ on PATH."""
+    from torch._inductor import cpp_builder
+
+    from routed_llama.hardware import compile_problem
+
+    def refuse():
+        raise RuntimeError("no such compiler")
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", refuse)
+    problem = compile_problem("cpu")
+    assert problem and "C++ compiler" in problem and "RuntimeError" in problem
