@@ -293,10 +293,9 @@ def packed_batches(cfgs: list[RunConfig], items: list[dict], pad_id: int, regres
     plans = [epoch_batches(c, items, pad_id, regression) for c in cfgs]
     out = [[data.concat([p[epoch][i] for p in plans], pad_id) for i in range(len(plans[0][epoch]))]
            for epoch in range(len(plans[0]))]  # fmt: skip
-    if pin:
-        flat = data.pin_all([b for steps in out for b in steps])
-        sizes = [len(steps) for steps in out]
-        out = [flat[sum(sizes[:e]) : sum(sizes[: e + 1])] for e in range(len(sizes))]
+    if pin:  # pinned all at once, then dealt back into epochs
+        pinned = iter(data.pin_all([b for steps in out for b in steps]))
+        out = [[next(pinned) for _ in steps] for steps in out]
     return out
 
 

@@ -435,6 +435,12 @@ def test_pin_all_keeps_every_batch_and_pins_one_tensor_per_field_and_length(monk
         assert a.n_real == b.n_real
         for f in ("input_ids", "attention_mask", "labels", "weight"):
             torch.testing.assert_close(getattr(a, f), getattr(b, f), rtol=0, atol=0)
+    # a pack's plan, pinned, keeps its epochs and their batches in order
+    cfgs = [RunConfig(**{**cfg.__dict__, "seed": s, "epochs": 2}) for s in (0, 1)]
+    plain, pinned_plan = (fast.packed_batches(cfgs, items, PAD, False, pin=p) for p in (False, True))
+    assert [len(e) for e in pinned_plan] == [len(e) for e in plain]
+    for a, b in zip(sum(plain, []), sum(pinned_plan, [])):
+        torch.testing.assert_close(a.input_ids, b.input_ids, rtol=0, atol=0)
 
 
 def test_compile_drift_benchmark_on_a_tiny_routed_model(tiny_tok_routed_dir, tmp_path):
