@@ -20,6 +20,7 @@ compile_drift.png (mean |logit difference| per model and routing) to --out.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -65,25 +66,44 @@ def perturbed(model, batches, device, eps: float, seed: int) -> torch.Tensor:
         handle.remove()
 
 
-def tie_shares(model, batches, device) -> dict:
-    """Per routed layer: share of (real and padding) tokens whose k-th and (k+1)-th autocast scores are equal."""
-    base = model.model
+@contextlib.contextmanager
+def router_inputs(model):
+    """Collect what each routed layer's FFN gets while the block runs: {layer: [(tokens, H), ...]}."""
     inputs, hooks = {}, []
-    for i, layer in enumerate(base.layers):
+    for i, layer in enumerate(model.model.layers):
         if hasattr(layer.mlp, "router"):
             hooks.append(layer.mlp.register_forward_pre_hook(
                 lambda mod, args, i=i: inputs.setdefault(i, []).append(args[0].reshape(-1, args[0].shape[-1]))))  # fmt: skip
-    logits(model, batches, device)
-    for h in hooks:
-        h.remove()
+    try:
+        yield inputs
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def tie_shares(model, inputs: dict, device) -> dict:
+    """Per routed layer: share of (real and padding) tokens whose k-th and (k+1)-th autocast scores are equal."""
     out = {}
     for i, xs in sorted(inputs.items()):
-        router = base.layers[i].mlp.router
+        router = model.model.layers[i].mlp.router
         with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16):
             s = router.scores(torch.cat(xs)).float()  # (tokens, N)
         top = s.topk(router.top_k + 1, dim=-1).values  # (tokens, k + 1)
         out[str(i)] = round((top[:, -2] == top[:, -1]).float().mean().item(), 5)
     return out
+
+
+@contextlib.contextmanager
+def top_k(model, k: int | None):
+    """A routed model at k for the duration (None: as it is)."""
+    before = model.config.num_experts_per_tok if k is not None else None
+    if k is not None:
+        model.model.set_top_k(k)
+    try:
+        yield
+    finally:
+        if k is not None:
+            model.model.set_top_k(before)
 
 
 def measure(ref: str, args, device) -> tuple[list[dict], dict | None]:
@@ -98,24 +118,19 @@ def measure(ref: str, args, device) -> tuple[list[dict], dict | None]:
                             tokenizer.pad_token_id, task.is_regression) for i in range(0, len(items), args.batch)]  # fmt: skip
     routed = model.config.model_type == "routed_llama"
     settings = [("on", None), ("off", model.config.num_experts)] if routed else [(None, None)]
-    k = model.config.num_experts_per_tok if routed else None
-    eager, out = {}, []
-    for name, top_k in settings:
-        if top_k is not None:
-            model.model.set_top_k(top_k)
-        eager[name] = logits(model, batches, device)
-        out.append(diff_row(ref, name, "perturb", eager[name], perturbed(model, batches, device, args.perturb, 0)))
+    eager, out, ties = {}, [], None
+    for name, k in settings:
+        with top_k(model, k), router_inputs(model) as inputs:
+            eager[name] = logits(model, batches, device)
+        if name == "on":  # the routed layers' inputs of this eager pass, at the model's own k
+            ties = tie_shares(model, inputs, device)
+        with top_k(model, k):
+            out.append(diff_row(ref, name, "perturb", eager[name], perturbed(model, batches, device, args.perturb, 0)))
         print(out[-1], flush=True)
-        if routed:
-            model.model.set_top_k(k)
-    ties = tie_shares(model, batches, device) if routed else None
     layers = fast.compile_layers(model)
-    for name, top_k in settings:
-        if top_k is not None:
-            model.model.set_top_k(top_k)
-        out.append(diff_row(ref, name, "compile", eager[name], logits(model, batches, device)))
-        if routed:
-            model.model.set_top_k(k)
+    for name, k in settings:
+        with top_k(model, k):
+            out.append(diff_row(ref, name, "compile", eager[name], logits(model, batches, device)))
         print(out[-1], flush=True)
     fast.uncompile_layers(layers)
     return out, ties
