@@ -404,7 +404,7 @@ _MODES = {"gemv1": 0, "gemv": 1, "dot": 2}
 # and more for the first choice (16 x 128, 1024 rows, 4 warps: too few programs). PyTorch's unrouted silu(g) * u took
 # 13.6 us there; the kernel's own elementwise work 10 us, the rest is each row's score lookup and the per-program
 # ranking. Not measured at other shapes.
-PREFILL_TILES = {"BLOCK_M": 4, "BLOCK_R": 512, "ROWS": 2048, "warps": 8}
+PREFILL_TILES = {"BLOCK_M": 4, "BLOCK_R": 512, "ROWS": 2048, "warps": 8, "keep_bits": True}
 
 if triton is not None:
 
@@ -608,8 +608,8 @@ if triton is not None:
 
     @triton.jit
     def _route_rows_kernel(g_ptr, u_ptr, rc_ptr, s_ptr, h_ptr, M, I, N, top_k, rows_per_program,
-                           ACT: tl.constexpr, INTERPRETED: tl.constexpr, BLOCK_M: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):  # fmt: skip
+                           ACT: tl.constexpr, INTERPRETED: tl.constexpr, KEEP_BITS: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):  # fmt: skip
         # prefill path, program (token tile, chunk of rows_per_program rows): h[m, r] = silu(g) * u (ACT) or h = g
         # (already act(g) * u: zeroed in place), and 0 where token m does not keep the cluster of row r
         m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
@@ -621,18 +621,25 @@ if triton is not None:
         for c in range(0, N):
             s_c = tl.sum(tl.where(j[None, :] == c, s, 0.0), axis=1)  # (BM,) s[:, c]
             rank += _beats(s_c[:, None], c, s, j[None, :]).to(tl.int32)
-        # each token's k-th cluster in the routing order (the ranks of 0..N-1 are distinct): a row is kept iff that
-        # cluster does not beat the row's own, i.e. fewer than k clusters do (`_kept`'s rule), with one compare per row
+        # a cluster is kept iff fewer than k clusters beat it (`_kept`'s rule; the ranks of 0..N-1 are distinct).
+        # KEEP_BITS (N <= 64): each token's kept set as one int64 bit mask, so a row's test is a shift of registers;
+        # otherwise each token's k-th cluster, and a row is kept iff that cluster does not beat the row's own, which
+        # gathers the row's score from the (M, N) table for every element
         kth = (rank == top_k - 1) & (j[None, :] < N)  # (BM, BN) one True per token
         s_k = tl.sum(tl.where(kth, s, 0.0), axis=1)  # (BM,)
         c_k = tl.sum(tl.where(kth, j[None, :], 0), axis=1)  # (BM,)
+        bit = tl.full((BLOCK_N,), 1, tl.int64) << j.to(tl.int64)  # (BN,) 1 << j
+        bits = tl.sum(tl.where((rank < top_k) & (j[None, :] < N), bit[None, :], 0), axis=1)  # (BM,) int64
         r_lo = tl.program_id(1) * rows_per_program
         for r0 in range(r_lo, tl.minimum(r_lo + rows_per_program, I), BLOCK_R):
             r = r0 + tl.arange(0, BLOCK_R)  # (BR,)
             valid = (m[:, None] < M) & (r[None, :] < I)  # (BM, BR)
             rc = tl.load(rc_ptr + r, mask=r < I, other=0)  # (BR,) cluster of each row
-            s_r = tl.load(s_ptr + m[:, None] * N + rc[None, :], mask=valid, other=0.0)  # (BM, BR) its score
-            kept = ~_beats(s_k[:, None], c_k[:, None], s_r, rc[None, :])  # (BM, BR)
+            if KEEP_BITS:
+                kept = ((bits[:, None] >> rc[None, :].to(tl.int64)) & 1) != 0  # (BM, BR)
+            else:
+                s_r = tl.load(s_ptr + m[:, None] * N + rc[None, :], mask=valid, other=0.0)  # (BM, BR) its score
+                kept = ~_beats(s_k[:, None], c_k[:, None], s_r, rc[None, :])  # (BM, BR)
             offs = m[:, None] * I + r[None, :]
             g = tl.load(g_ptr + offs, mask=valid, other=0.0)
             if ACT:
@@ -757,7 +764,7 @@ def triton_prefill_ffn(x, *, w_gate, w_up, w_down, row_cluster, top_k, centroids
         _cluster_rms_kernel[(n, m)](g, offsets, scores, inter, n, BLOCK_C=256)
     grid = (triton.cdiv(m, t["BLOCK_M"]), triton.cdiv(inter, t["ROWS"]))
     _route_rows_kernel[grid](g, u, row_cluster, scores, g, m, inter, n, top_k, t["ROWS"], ACT=act,
-                             INTERPRETED=TRITON_INTERPRET, BLOCK_M=t["BLOCK_M"],
+                             INTERPRETED=TRITON_INTERPRET, KEEP_BITS=t["keep_bits"] and n <= 64, BLOCK_M=t["BLOCK_M"],
                              BLOCK_N=triton.next_power_of_2(n), BLOCK_R=t["BLOCK_R"], num_warps=t["warps"])  # fmt: skip
     return F.linear(g, w_down)  # (M, H)
 

@@ -12,16 +12,19 @@ Rows (written to OUT/decode.json after every model, with a PNG OUT/speedup.png):
   its layers' `pick_impl` while the step ran its Python (the graph capture on CUDA): e.g. "triton/gemv1", "mask".
 - phase "prefill": one forward over --prefill tokens (batch 1, eager), tok/s = tokens / seconds. `impl` is what the
   routed layers ran, recorded from their `pick_impl` during a warm-up forward ("prefill" for the prefill path, "mask",
-  or "dense (k = N)"); with --mask-rows a second routed row runs routing_impl "mask".
+  or "dense (k = N)"); with --mask-rows a second routed row runs routing_impl "mask". With --prefill-graph (CUDA)
+  each row is timed again with every arm's forward captured in a CUDA graph (`cuda_graph` true): no Python or launch
+  time, so the ratio is the GPU's work alone, where eager prefill of one prompt is bound by the host.
 - phase "generate": the user's path, `model.fast_generate(prompt, max_new_tokens=steps)`, routed at k vs the same
   model at k = N (dense compute); `ran` is what its routed layers ran (prefill and decode steps), recorded as above;
   `loop_speedup` is the decode row's speedup for the same model, batch and k/N, and `fraction_of_loop_gain`
   (speedup - 1) / (loop_speedup - 1) where the loop gained (loop_speedup > 1).
 - phase "ffn": one FFN layer alone (cycling over 6 layers' weights so no cache holds them): dense (cuBLAS), ideal,
   the mask path, each Triton decode variant (multiply mode x reduction, up to TRITON_MAX_TOKENS tokens) and the
-  prefill path ("prefill": `triton_prefill_ffn`, above AUTO_TRITON_MAX_TOKENS tokens); `bytes_read` is what the
-  decode kernels read (the weight tiles of kept clusters, rounded out to the tiles, plus the centroids) and `gb_s` =
-  bytes_read / time.
+  prefill path ("prefill": `triton_prefill_ffn`, above AUTO_TRITON_MAX_TOKENS tokens; "prefill/gather": the same
+  with the routing kernel's per-row score gather, which N > 64 clusters take, instead of a bit mask); `bytes_read`
+  is what the decode kernels read (the weight tiles of kept clusters, rounded out to the tiles, plus the
+  centroids) and `gb_s` = bytes_read / time.
 Each arm is timed --repeats times, interleaved with the other arms of its row; `*_tok_s` (or `*_us`) are medians and
 `min`/`median`/`max` give the spread of the routed arm (dense and ideal spreads are in `spread`). A variant that
 fails is recorded with its error and the run goes on. Weights are random (speed does not depend on them) and the
@@ -75,6 +78,8 @@ def parse_args(argv=None):
     p.add_argument("--compile-ratios", type=float, nargs="*", default=None, help="k/N of the compiled rows "
                    "(default: --ratios)")  # fmt: skip
     p.add_argument("--mask-rows", action="store_true", help="also time the routed arm with routing_impl='mask'")
+    p.add_argument("--prefill-graph", action="store_true",
+                   help="also time the prefill rows with each arm's forward captured in a CUDA graph (CUDA only)")
     p.add_argument("--tune", action="store_true", help="time alternative Triton tile sizes on the first shape's FFN")
     p.add_argument("--apply-tuning", action="store_true",
                    help="with --tune: the rows after the tuning run with the fastest tiles found (recorded)")
@@ -170,6 +175,21 @@ def load_standin(path: str, device, dtype, num_clusters: int):
 def sync(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
+
+
+def capture(fn) -> torch.cuda.CUDAGraph:
+    """fn's kernels captured in a CUDA graph, after two warm-up calls on a side stream (allocation and Triton's
+    compilation must not happen inside the capture), as GreedyDecodeStep captures a decode step."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
 
 
 def cuda_graphs(device) -> bool:
@@ -361,43 +381,51 @@ def prefill_rows(name, dense, routed, ideals, args) -> list[dict]:
     def forward(model):
         model(input_ids=ids, use_cache=False, logits_to_keep=1)
 
-    def timer(model, k=None, impl=None):
+    def timer(model, k=None, impl=None, graph=False):
+        captured = []  # the arm's CUDA graph, captured at its first call (with its routing set) and then replayed
+
         @torch.no_grad()
         def run():
             if k is not None:
                 routed.model.set_top_k(k)
                 routed.config.routing_impl = impl
+            if graph and not captured:
+                captured.append(capture(lambda: forward(model)))
+            call = captured[0].replay if graph else lambda: forward(model)
             for _ in range(2):  # warm-up: the first call of a shape allocates and may compile
-                forward(model)
+                call()
             sync(args.device)
+            reps = 10 if graph else 3  # a replay has no host time to average out, only short kernels to time
             t0 = time.perf_counter()
-            for _ in range(3):
-                forward(model)
+            for _ in range(reps):
+                call()
             sync(args.device)
-            return 3 * args.prefill / (time.perf_counter() - t0)
+            return reps * args.prefill / (time.perf_counter() - t0)
 
         return run
 
     rows = []
-    for ratio in args.ratios:
+    graphs = [False] + ([True] if args.prefill_graph and cuda_graphs(args.device) else [])
+    for ratio, impl, graph in [(r, i, g) for r in args.ratios for i in ["auto", "mask"] for g in graphs]:
         k = max(1, round(ratio * n))
-        for impl in ["auto"] + (["mask"] if args.mask_rows and k < n else []):
-            base = {"model": name, "batch": 1, "k_over_n": k / n, "phase": "prefill", "compiled": False,
-                    "tokens": args.prefill, "routing_impl": impl}  # fmt: skip
-            fns = {"dense": timer(dense), "routed": timer(routed, k, impl)}
-            if k < n and ratio in ideals:
-                fns["ideal"] = timer(ideals[ratio])
-            routed.model.set_top_k(k)
-            routed.config.routing_impl = impl
-            try:
-                with Ran(routed) as ran, torch.no_grad():  # what the routed layers run, recorded
-                    forward(routed)
-                base["impl"] = "+".join(sorted(ran.seen)) or "dense (k = N)"
-                row = make_row(base, interleaved(fns, args.repeats))
-            except Exception as exc:
-                row = {**base, "error": error_text(exc)}
-            rows.append(row)
-            print_row(row)
+        if impl == "mask" and not (args.mask_rows and k < n):
+            continue
+        base = {"model": name, "batch": 1, "k_over_n": k / n, "phase": "prefill", "compiled": False,
+                "cuda_graph": graph, "tokens": args.prefill, "routing_impl": impl}  # fmt: skip
+        fns = {"dense": timer(dense, graph=graph), "routed": timer(routed, k, impl, graph)}
+        if k < n and ratio in ideals:
+            fns["ideal"] = timer(ideals[ratio], graph=graph)
+        routed.model.set_top_k(k)
+        routed.config.routing_impl = impl
+        try:
+            with Ran(routed) as ran, torch.no_grad():  # what the routed layers run, recorded
+                forward(routed)
+            base["impl"] = "+".join(sorted(ran.seen)) or "dense (k = N)"
+            row = make_row(base, interleaved(fns, args.repeats))
+        except Exception as exc:
+            row = {**base, "error": error_text(exc)}
+        rows.append(row)
+        print_row(row)
     routed.config.routing_impl = "auto"
     return rows
 
@@ -553,6 +581,9 @@ def ffn_rows(shape: str, args) -> list[dict]:
                     fns[f"{v['mode']}/{v['reduce']}"] = cycle([kernel_call(m, v) for m in routed], x)
             if runs_kernels and tokens > mrl.AUTO_TRITON_MAX_TOKENS:  # the prefill path, as "auto" runs it there
                 fns["prefill"] = cycle([kernel_call(m, {"mode": "prefill"}) for m in routed], x)
+                # the same with each row's score gathered instead of the kept set's bit mask (what N > 64 runs)
+                gather = {"mode": "prefill", "keep_bits": False}
+                fns["prefill/gather"] = cycle([kernel_call(m, gather) for m in routed], x)
             n_layers = len(dense)  # each timed call cycles through every layer: report per layer
             per_call = {name: (lambda f=f: time_us(f, args.ffn_reps, device, graph) / n_layers)
                         for name, f in fns.items()}  # fmt: skip
@@ -562,7 +593,7 @@ def ffn_rows(shape: str, args) -> list[dict]:
                         "impl": name}  # fmt: skip
                 row = make_row(base, {"dense": values["dense"], "ideal": values["ideal"], name: values[name]},
                                routed=name, larger_is_faster=False, unit="us")  # fmt: skip
-                if name not in ("mask", "prefill") and row.get("routed_us"):
+                if not name.startswith(("mask", "prefill")) and row.get("routed_us"):
                     mode, reduce = name.split("/")
                     read, kept = bytes_read(routed[0], x, {"mode": mode, "reduce": reduce})
                     row.update(bytes_read=read, kept_bytes=kept, gb_s=round(read / row["routed_us"] / 1e3, 1))
@@ -800,11 +831,14 @@ def plot(doc: dict, path: Path):
     def masked(r):  # a decode or prefill row timed with routing_impl "mask" (--mask-rows)
         return r.get("routing_impl", r.get("impl")) == "mask"
 
-    groups = sorted({(r["model"], r["phase"], r["batch"], masked(r), r["compiled"]) for r in rows})
+    def key(r):
+        return r["model"], r["phase"], r["batch"], masked(r), r["compiled"], bool(r.get("cuda_graph"))
+
+    groups = sorted({key(r) for r in rows})
     for g in groups:
-        rs = sorted((r for r in rows if (r["model"], r["phase"], r["batch"], masked(r), r["compiled"]) == g),
-                    key=lambda r: r["k_over_n"])  # fmt: skip
-        label = f"{g[0]} {g[1]} b={g[2]}" + (" mask" if g[3] else "") + (" compiled" if g[4] else "")
+        rs = sorted((r for r in rows if key(r) == g), key=lambda r: r["k_over_n"])
+        label = (f"{g[0]} {g[1]} b={g[2]}" + (" mask" if g[3] else "") + (" compiled" if g[4] else "")
+                 + (" graph" if g[5] and g[1] == "prefill" else ""))  # fmt: skip
         x = [r["k_over_n"] for r in rs]
         line = ax.plot(x, [r["speedup"] for r in rs], marker="o", label=label)[0]
         if any(r.get("ideal_speedup") for r in rs):

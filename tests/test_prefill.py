@@ -26,6 +26,7 @@ PREFILL_TOL = {"float32": 1e-5, "bfloat16": 1e-2}
 MIN_EQUAL = {"float32": 0.0, "bfloat16": 0.99}
 OFFSETS = {"uneven6": [0, 7, 30, 31, 55, 80, 100], "equal5": [0, 20, 40, 60, 80, 100]}  # I = 100 (N 6 and 5)
 SMALL = dict(BLOCK_M=16, BLOCK_R=32, ROWS=64)  # several row chunks per token tile, masked edges at I = 100
+GATHER = dict(SMALL, keep_bits=False)  # the path for N > 64: each row's score gathered, not a bit mask
 
 PREFILL_SCRIPT = textwrap.dedent(
     """
@@ -35,7 +36,7 @@ PREFILL_SCRIPT = textwrap.dedent(
     sys.path.insert(0, sys.argv[2])
     import torch
     import modeling_routed_llama as mrl
-    from test_prefill import OFFSETS, SMALL
+    from test_prefill import GATHER, OFFSETS, SMALL
     from test_sparse import routed_ffn
 
     assert mrl.triton is not None and mrl.TRITON_INTERPRET
@@ -57,7 +58,7 @@ PREFILL_SCRIPT = textwrap.dedent(
                 n = len(offsets) - 1
                 for k in (1, n - 1):
                     mlp = routed_ffn(router, k, offsets=offsets).to(dtype).eval()
-                    for m, tiles in ((17, None), (40, SMALL), (100, None), (9, {"mode": "prefill"})):
+                    for m, tiles in ((17, None), (40, SMALL), (40, GATHER), (100, None), (9, {"mode": "prefill"})):
                         x = torch.randn(m, 48).to(dtype)  # (M, H)
                         with torch.no_grad():
                             ref = mlp.forward_mask(x)
@@ -66,7 +67,7 @@ PREFILL_SCRIPT = textwrap.dedent(
                                 row_cluster=mlp.router.row_cluster(100), top_k=k, offsets=mlp.router.expert_offsets,
                                 centroids=mlp.router.centroids if router == "centroid" else None, tiles=tiles)
                         results.append(dict(router=router, dtype=str(dtype).split(".")[1], offsets=name, k=k, m=m,
-                                            small=tiles is SMALL, **compare(out, ref)))
+                                            tiles=tiles, **compare(out, ref)))
     print("KERNEL " + json.dumps(results))
 
     # the module: routing_impl "sparse" without gradients takes the prefill path above 16 tokens (bf16, centroids
@@ -138,12 +139,14 @@ def interpreted(tmp_path_factory) -> dict:
 
 def test_prefill_path_equals_forward_mask_in_interpreter(interpreted):
     """triton_routed_ffn above TRITON_MAX_TOKENS (17 and 100 tokens with the default tiles, 40 with small ones: three
-    token tiles, two row chunks, masked edges) and forced to the prefill path (9 tokens) equals forward_mask in the same
+    token tiles, two row chunks, masked edges; each kept set as a bit mask, and at 40 also by the gather of each row's
+    score that N > 64 takes) and forced to the prefill path (9 tokens) equals forward_mask in the same
     dtype: N = 6 uneven clusters (sizes 1 to 25) and N = 5 equal ones (the reference's broadcast path), both routers,
     k = 1 and k = N - 1; tolerances in PREFILL_TOL, and in bf16 at least 99% of the outputs bit-identical (h rounded as
     PyTorch rounds act(g) * u; all of them here)."""
     results = interpreted["KERNEL"]
-    assert len(results) == 2 * 2 * 2 * 2 * 4
+    assert len(results) == 2 * 2 * 2 * 2 * 5
+    assert sum(r["tiles"] == GATHER for r in results) == 2 * 2 * 2 * 2
     for r in results:
         assert r["shape"] == [r["m"], 48] and r["out_dtype"] == r["dtype"]
         assert r["err"] <= PREFILL_TOL[r["dtype"]], r

@@ -587,8 +587,9 @@ for dt, dot_fp32 in (("bf16", False), ("fp32", True)):
     rows = {"g_ptr": "*" + dt, "u_ptr": "*" + dt, "rc_ptr": "*i32", "s_ptr": "*fp32", "h_ptr": "*" + dt,
             **{n: "i32" for n in ("M", "I", "N", "top_k", "rows_per_program")}}
     t = mrl.PREFILL_TILES
-    cases += [(mrl._route_rows_kernel, rows, dict(ACT=act, INTERPRETED=False, BLOCK_M=t["BLOCK_M"], BLOCK_N=32,
-                                                  BLOCK_R=t["BLOCK_R"])) for act in (True, False)]
+    cases += [(mrl._route_rows_kernel, rows, dict(ACT=act, INTERPRETED=False, KEEP_BITS=bits, BLOCK_M=t["BLOCK_M"],
+                                                  BLOCK_N=32, BLOCK_R=t["BLOCK_R"]))
+              for act in (True, False) for bits in (True, False)]
     rms = {"h_ptr": "*" + dt, "off_ptr": "*i64", "s_ptr": "*fp32", "I": "i32", "N": "i32"}
     cases += [(mrl._cluster_rms_kernel, rms, dict(BLOCK_C=256))]
 failed = []
