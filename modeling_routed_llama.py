@@ -350,12 +350,18 @@ class RoutedLlamaMLP(nn.Module):
         )
         if torch.compiler.is_compiling():
             # under torch.compile the kernels run as one opaque custom op (`routed_llama::routed_ffn`): the compiler
-            # fuses everything around them and never traces their launch code
-            if not (prefill or x.shape[0] > TRITON_MAX_TOKENS):
-                return torch.ops.routed_llama.routed_ffn(x, **kw)
-            if not _OP_HAS_MODE:  # an older copy of this file registered the op (see `_OP_HAS_MODE`)
+            # fuses everything around them and never traces their launch code. A custom op's body runs without the
+            # caller's autocast once compiled (eagerly it runs with it), so an active autocast is passed in and the
+            # op re-enters it: compiled and eager calls compute in the same dtypes (the prefill path's GEMMs and
+            # router scores in bf16 under a bf16 autocast, as the mask path that trained the model).
+            device = x.device.type
+            autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+            args = {"mode": "prefill"} if prefill or x.shape[0] > TRITON_MAX_TOKENS else {}
+            if autocast is not None:
+                args["autocast"] = autocast
+            if not set(args) <= _OP_ARGS:  # an older copy of this file registered the op (see `_OP_ARGS`)
                 return self.forward_mask(x)
-            return torch.ops.routed_llama.routed_ffn(x, **kw, mode="prefill")
+            return torch.ops.routed_llama.routed_ffn(x, **kw, **args)
         if prefill or x.shape[0] > TRITON_MAX_TOKENS:  # straight to the prefill path: no tile dictionaries to merge
             if kw["centroids"] is not None:
                 kw["centroids"] = router.centroids_fp32()  # cached: one cast launch fewer per layer
@@ -754,8 +760,9 @@ def triton_prefill_ffn(x, *, w_gate, w_up, w_down, row_cluster, top_k, centroids
     g = F.linear(x, w_gate)  # (M, I)
     u = F.linear(x, w_up)  # (M, I)
     if centroids is not None:
-        # the reference's fp32 scores (RoutedLlamaRouter.scores), so that both rank the same values
-        scores = F.linear(x.float(), centroids.float())  # (M, N)
+        # the reference's scores (RoutedLlamaRouter.scores), so that both rank the same values; bf16 under a bf16
+        # autocast, where .float() hands the kernel the same values in the fp32 it reads (exact; a no-op otherwise)
+        scores = F.linear(x.float(), centroids.float()).float()  # (M, N)
         n, act = centroids.shape[0], True
     else:
         g = F.silu(g, inplace=True).mul_(u)  # (M, I) h = act(g) * u, rounded as the reference rounds it
@@ -795,24 +802,31 @@ def _down(h, w_down, dtype, mode, t):
 
 
 # `triton_routed_ffn` (default tiles; `mode` "prefill" forces the prefill path, None picks by token count) as a custom
-# op, so that torch.compile can hold it in a graph (fake: shapes only). A checkpoint's copy of this file may be
-# imported more than once (one module per checkpoint folder): the first registration serves them all. A copy from
-# before the prefill path registers an op without `mode` whose kernels are wrong above 16 tokens: where that one came
-# first, compiled calls of more tokens run the mask path instead (`_OP_HAS_MODE`).
+# op, so that torch.compile can hold it in a graph (fake: shapes only). `autocast`: the caller's autocast dtype, which
+# the compiled op's body would otherwise not see; the result is cast back to x's dtype (exact from the lower
+# precision, and what the residual add would promote it to). A checkpoint's copy of this file may be imported more
+# than once (one module per checkpoint folder): the first registration serves them all. An older copy registers an op
+# without `mode` (whose kernels are wrong above 16 tokens) or without `autocast`: where that one came first, compiled
+# calls that need the missing argument run the mask path instead (`_OP_ARGS`).
 if triton is not None and not hasattr(torch.ops.routed_llama, "routed_ffn"):
 
     @torch.library.custom_op("routed_llama::routed_ffn", mutates_args=())
     def _routed_ffn_op(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
                        row_cluster: torch.Tensor, top_k: int, centroids: torch.Tensor | None = None,
-                       offsets: torch.Tensor | None = None, mode: str | None = None) -> torch.Tensor:  # fmt: skip
-        return triton_routed_ffn(x, w_gate=w_gate, w_up=w_up, w_down=w_down, row_cluster=row_cluster, top_k=top_k,
-                                 centroids=centroids, offsets=offsets, tiles=mode and {"mode": mode})  # fmt: skip
+                       offsets: torch.Tensor | None = None, mode: str | None = None,
+                       autocast: torch.dtype | None = None) -> torch.Tensor:  # fmt: skip
+        with torch.autocast(x.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            out = triton_routed_ffn(x, w_gate=w_gate, w_up=w_up, w_down=w_down, row_cluster=row_cluster, top_k=top_k,
+                                    centroids=centroids, offsets=offsets, tiles=mode and {"mode": mode})  # fmt: skip
+        return out.to(x.dtype)
 
     @_routed_ffn_op.register_fake
-    def _(x, w_gate, w_up, w_down, row_cluster, top_k, centroids=None, offsets=None, mode=None):
+    def _(x, w_gate, w_up, w_down, row_cluster, top_k, centroids=None, offsets=None, mode=None, autocast=None):
         return torch.empty_like(x)
 
-_OP_HAS_MODE = triton is not None and "mode" in str(torch.ops.routed_llama.routed_ffn.default._schema)
+_OP_ARGS = set()
+if triton is not None:
+    _OP_ARGS = {a.name for a in torch.ops.routed_llama.routed_ffn.default._schema.arguments}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -11,6 +11,10 @@ Checks (one record each: {check, ..., ok, and the measured error or the error me
   (relative gap >= 1e-5; such tokens may legitimately route differently and are counted in `near_ties`).
   Tolerances: TOL.
 - "graph": the same comparison for a call captured in a CUDA graph and replayed on new inputs.
+- "autocast": fp32 weights under a bf16 autocast (how the finetune harness evaluates), 512 tokens, both routers:
+  the module's own path ("auto": the prefill path on a capable GPU) against the mask path under the same autocast
+  (metric and tolerance as "kernel"), and the module under torch.compile against the eager module (`equal`: the
+  fraction of bit-identical outputs; must be 1: the compiled custom op re-enters the caller's autocast).
 - "auto": routing_impl "auto" picks "triton" for 1..AUTO_TRITON_MAX_TOKENS tokens on this GPU and the prefill
   path ("prefill") above (or "mask" where AUTO_PREFILL is off).
 - "decode_step": a `GreedyDecodeStep` captured in a CUDA graph where gradients are enabled (as a caller may leave
@@ -187,6 +191,36 @@ def auto_checks(args) -> list[dict]:
     return records
 
 
+def autocast_checks(args) -> list[dict]:
+    device = torch.device(args.device)
+    if device.type != "cuda" or mrl.triton is None:
+        return [{"check": "autocast", "ok": None, "skipped": "the Triton paths under a CUDA autocast need CUDA"}]
+    records = []
+    for case in QUICK_CASES if args.quick else CASES[2:3] + CASES[-1:]:  # the stand-in's and Llama-7B's FFN
+        for router in ("centroid", "activation"):
+            record = {"check": "autocast", "hidden": case[0], "intermediate": case[1], "N": case[2], "k": case[3],
+                      "router": router, "tokens": 512}  # fmt: skip
+
+            def run(rec, case=case, router=router):
+                torch._dynamo.reset()
+                mlp = routed_mlp(case, router, torch.float32, device)
+                mlp.config.routing_impl = "auto"
+                x = torch.randn(512, case[0], device=device)  # (M, H) fp32, as the residual stream under autocast
+                with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                    rec["ran"] = mlp.pick_impl(x)
+                    out = mlp(x)
+                    ref = mlp.forward_mask(x)
+                    h = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
+                    scores = mlp.router.scores(x, h)
+                    compiled = torch.compile(mlp, fullgraph=True)(x)
+                rec["rel_err"], rec["near_ties"] = compare(out, ref, scores, case[3])
+                rec["compiled_equal"] = (compiled.float() == out.float()).float().mean().item()
+                rec["ok"] = rec["rel_err"] <= TOL[torch.bfloat16] and rec["compiled_equal"] == 1.0
+
+            records.append(guard(record, run))
+    return records
+
+
 def decode_step_checks(args) -> list[dict]:
     """What a decode step captured with gradients enabled runs in its routed layers (expected: the kernels)."""
     device = torch.device(args.device)
@@ -321,7 +355,14 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", default=None, help="a routed checkpoint folder for the generate check")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="one small shape, fewer variants (CPU smoke runs)")
+    p.add_argument("--checks", nargs="+", choices=sorted(GROUPS), default=sorted(GROUPS),
+                   help="which groups of checks to run (default: all)")
     return p.parse_args(argv)
+
+
+# the groups of checks, in the order they run
+GROUPS = {"autocast": autocast_checks, "auto": auto_checks, "decode_step": decode_step_checks,
+          "mask_graph": mask_graph_check, "generate": generate_checks, "kernel": kernel_checks}  # fmt: skip
 
 
 def main(argv=None) -> int:
@@ -352,7 +393,7 @@ def main(argv=None) -> int:
         write_json(args.out, doc)
         return doc
 
-    for checks in (auto_checks, decode_step_checks, mask_graph_check, generate_checks, kernel_checks):
+    for checks in [fn for name, fn in GROUPS.items() if name in args.checks]:
         try:
             records += checks(args)
         except Exception as exc:  # a whole group that cannot start (e.g. the checkpoint does not load)
