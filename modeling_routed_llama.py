@@ -157,8 +157,11 @@ class RoutedLlamaRouter(nn.Module):
 
     def expert_of_neuron(self, intermediate_size: int) -> torch.Tensor:
         """Cluster id of every intermediate neuron, (I,), from the offsets (no host sync)."""
-        neurons = torch.arange(intermediate_size, device=self.expert_offsets.device)
-        return torch.searchsorted(self.expert_offsets[1:], neurons, right=True)  # (I,)
+        neurons = torch.arange(intermediate_size, device=self.expert_offsets.device)  # (I,)
+        # the number of cluster ends at or below each neuron (searchsorted(ends, neurons, right=True)); not
+        # searchsorted itself: compiled by inductor on CUDA (torch 2.11, H200, 2026-11-30) it returned every id one
+        # too high, which routed each row by its neighbour cluster's decision (benchmarks/check_gpu.py "autocast")
+        return (neurons[:, None] >= self.expert_offsets[None, 1:]).sum(1)  # (I, N) -> (I,)
 
     def row_cluster(self, intermediate_size: int) -> torch.Tensor:
         """`expert_of_neuron` as int32, cached per device (the Triton kernels read it every call). While a CUDA graph
