@@ -159,8 +159,9 @@ class RoutedLlamaRouter(nn.Module):
         """Cluster id of every intermediate neuron, (I,), from the offsets (no host sync)."""
         neurons = torch.arange(intermediate_size, device=self.expert_offsets.device)  # (I,)
         # the number of cluster ends at or below each neuron (searchsorted(ends, neurons, right=True)); not
-        # searchsorted itself: compiled by inductor on CUDA (torch 2.11, H200, 2026-11-30) it returned every id one
-        # too high, which routed each row by its neighbour cluster's decision (benchmarks/check_gpu.py "autocast")
+        # searchsorted itself: compiled by inductor on CUDA (torch 2.11, H200, 2026-11-30) it ignored the slice's
+        # offset (pytorch/pytorch#182343) and returned every id one too high, so compiled calls routed each row by its
+        # neighbour cluster's decision (benchmarks/check_gpu.py "autocast" failed; it passes with this)
         return (neurons[:, None] >= self.expert_offsets[None, 1:]).sum(1)  # (I, N) -> (I,)
 
     def row_cluster(self, intermediate_size: int) -> torch.Tensor:

@@ -262,3 +262,22 @@ def test_set_top_k_changes_routing_at_run_time(routed, dense, ids):
     assert all(mlp.router.top_k == K for mlp in routed.model.routed_mlps().values())
     routed.model.set_top_k(torch.tensor(3))  # an integer scalar of any kind is an integer
     assert routed.config.num_experts_per_tok == 3 and type(routed.config.num_experts_per_tok) is int
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_expert_of_neuron_for_uneven_clusters(compiled):
+    """Every neuron's cluster id from the offsets, eager and traced (the compiled decode and prefill calls compute it
+    in the graph). On CUDA, inductor's searchsorted over the offsets' slice returned every id one too high
+    (pytorch/pytorch#182343; found on an H200 by benchmarks/check_gpu.py), so the ids are computed without it; this
+    checks the rule on the CPU, where that bug does not occur, for sizes 1 to 25 and a first cluster of one."""
+    from configuration_routed_llama import RoutedLlamaConfig
+
+    from modeling_routed_llama import RoutedLlamaRouter
+
+    offsets = [0, 1, 8, 30, 31, 55, 80, 100]
+    cfg = RoutedLlamaConfig(hidden_size=16, intermediate_size=100, num_hidden_layers=1, num_attention_heads=2,
+                            num_experts=7, num_experts_per_tok=3, expert_offsets=[offsets])  # fmt: skip
+    router = RoutedLlamaRouter(cfg, 0)
+    expected = torch.tensor([e for e in range(7) for _ in range(offsets[e + 1] - offsets[e])])
+    fn = torch.compile(router.row_cluster, backend="aot_eager", fullgraph=True) if compiled else router.row_cluster
+    assert torch.equal(fn(100).long(), expected)
