@@ -81,11 +81,12 @@ AUTO_TRITON_MAX_TOKENS = 8
 # "auto" runs the prefill path for more than AUTO_TRITON_MAX_TOKENS tokens on the same devices, without gradients;
 # False runs mask there. Chosen because it computes what mask computes (the same GEMMs and fp32 centroid scores, h
 # rounded as mask rounds it: bit-identical in the interpreter tests) in fewer launches per layer: 6 against mask's 12
-# with the centroid router (7 against 19 with the activation router; dense LlamaMLP: 5). Measured (results/prefill/,
-# H200, bf16, 2026-11-30): Llama-7B FFN alone at 512 tokens, 255.4 us at k/N 1/2 and 251.1 us at 1/4 against mask
-# 278.3 / 276.4 us and dense 231.0 / 232.9 us (0.90x / 0.93x dense, mask 0.83x / 0.84x); whole-model eager prefill is
-# host-bound (benchmarks/prefill_profile.py) and its wall-clock ratios were too noisy to state. 9-16 tokens take the
-# prefill path too, not the "dot" decode kernels (neither was measured there).
+# with the centroid router (7 against 19 with the activation router; dense LlamaMLP: 5). Measured
+# (results/prefill-graph/, H200, bf16, 2026-11-30, the bit-mask routing kernel): Llama-7B FFN alone at 512 tokens
+# 0.93x dense at k/N 1/2 and 0.95x at 1/4 (mask 0.85x / 0.87x), at 2048 tokens 0.96x / 0.97x; the whole Llama-7B
+# forward of 512 tokens in a CUDA graph 0.96x dense (mask 0.90-0.92x), eagerly 0.81-0.82x (host-bound: the routed
+# layer's Python costs more than LlamaMLP's). 9-16 tokens take the prefill path too, not the "dot" decode kernels
+# (neither was measured there).
 AUTO_PREFILL = True
 AUTO_MIN_CAPABILITY = (8, 0)
 
@@ -409,11 +410,12 @@ TRITON_TILES = {
 TRITON_OPTIONS = {"reduce": "split", "ctas_per_sm": 8}
 _MODES = {"gemv1": 0, "gemv": 1, "dot": 2}
 # The prefill path's routing kernel (`_route_rows_kernel`): tokens per program, rows per inner step, rows per program,
-# warps. From one ad hoc sweep on an H200 (2026-11-30, bf16, 512 tokens, I = 11008, N = 32, k = 16, the kernel alone
-# in a CUDA graph; no committed command): 21.8 us per layer, against 26.8-30.3 us for 16 tokens x 128 rows and 47 us
-# and more for the first choice (16 x 128, 1024 rows, 4 warps: too few programs). PyTorch's unrouted silu(g) * u took
-# 13.6 us there; the kernel's own elementwise work 10 us, the rest is each row's score lookup and the per-program
-# ranking. Not measured at other shapes.
+# warps, and whether each token's kept set is held as an int64 bit mask (N <= 64; else each row's score is gathered).
+# Tiles from one ad hoc sweep on an H200 (2026-11-30, bf16, 512 tokens, I = 11008, N = 32, k = 16, the kernel alone in
+# a CUDA graph, with the gather; no committed command): 21.8 us per layer, against 26.8-30.3 us for 16 tokens x 128
+# rows and 47 us and more for the first choice (16 x 128, 1024 rows, 4 warps: too few programs); PyTorch's unrouted
+# silu(g) * u took 13.6 us there. The bit mask then took the FFN alone from 250.2 to 247.4 us at k/N 1/2 and from
+# 973.0 to 955.2 us at 2048 tokens (results/prefill-graph/: "prefill" against "prefill/gather").
 PREFILL_TILES = {"BLOCK_M": 4, "BLOCK_R": 512, "ROWS": 2048, "warps": 8, "keep_bits": True}
 
 if triton is not None:
@@ -694,8 +696,8 @@ def triton_mode(tokens: int, tiles: dict | None = None) -> str:
     tuned tiles): for 1 token "gemv1" took 49.0 us at k/N 1/2 against dense 83.9 us and mask 109.5 us; for 4 tokens
     "dot" took 86.5 us against "gemv" 358.9 us (dense 85.0 us, mask 117.8 us). 2, 3 and 5-16 tokens were not
     measured: they take "dot", the faster mode at 4. Above 16 the decode kernels' register tiles of all tokens
-    (BLOCK_M 16) no longer hold the input: "prefill" (results/prefill/: 0.90-0.93x dense at 512 tokens, above mask's
-    0.83-0.84x; the decode kernels were not run there).
+    (BLOCK_M 16) no longer hold the input: "prefill" (results/prefill-graph/: 0.93-0.95x dense at 512 tokens, above mask's
+    0.85-0.87x; the decode kernels were not run there).
     """
     if tiles and "mode" in tiles:
         return tiles["mode"]
