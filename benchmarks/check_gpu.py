@@ -23,7 +23,8 @@ Checks (one record each: {check, ..., ok, and the measured error or the error me
 - "mask_graph": a training step of the mask path (forward and backward through routed layers) captured in a CUDA
   graph: capture fails on any host sync, and the replayed loss and gradients must equal the eager ones.
 - "generate": on --checkpoint (a routed checkpoint folder; default: a random 4-layer routed model), greedy
-  `generate` with routing_impl "mask" vs "auto", and `fast_generate` vs `generate` (both "auto"), batch 1 and 4:
+  `generate` with routing_impl "mask" vs "auto", `fast_generate` vs `generate` (both "auto"), and on CUDA
+  `fast_generate(compile=True)` vs `fast_generate`, batch 1 and 4:
   in fp32 the tokens must be equal; in bf16 the count of equal leading tokens is reported, not checked (bf16
   rounding differs between the paths, so greedy choices may part after a near tie).
 A check that raises is recorded as failed with its error; the other checks still run. The report is rewritten after
@@ -319,6 +320,10 @@ def one_generate(record, model, ids, new, dtype):
             out[impl] = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new)
     fast = model.fast_generate(ids, new)
     model.clear_fast_generate()
+    compiled = None
+    if ids.is_cuda:  # compiled decode steps: their routed layers once took cluster ids one too high (inductor)
+        compiled = model.fast_generate(ids, new, compile=True)
+        model.clear_fast_generate()
     plen = ids.shape[1]
 
     def same_prefix(a, b):
@@ -330,7 +335,12 @@ def one_generate(record, model, ids, new, dtype):
     record["fast_equal_prefix"] = same_prefix(out["auto"], fast)
     record["auto_equal"] = torch.equal(out["mask"], out["auto"])
     record["fast_equal"] = torch.equal(out["auto"], fast)
-    record["ok"] = (record["auto_equal"] and record["fast_equal"]) if dtype == torch.float32 else None
+    checked = [record["auto_equal"], record["fast_equal"]]
+    if compiled is not None:
+        record["compiled_equal_prefix"] = same_prefix(fast, compiled)
+        record["compiled_equal"] = torch.equal(fast, compiled)
+        checked.append(record["compiled_equal"])
+    record["ok"] = all(checked) if dtype == torch.float32 else None
 
 
 def guard(record: dict, fn, *a) -> dict:
