@@ -81,7 +81,7 @@ AUTO_TRITON_MAX_TOKENS = 8
 # "auto" runs the prefill path for more than AUTO_TRITON_MAX_TOKENS tokens on the same devices, without gradients;
 # False runs mask there. Chosen because it computes what mask computes (the same GEMMs and fp32 centroid scores, h
 # rounded as mask rounds it: bit-identical in the interpreter tests) in fewer launches per layer: 6 against mask's 12
-# with the centroid router (7 against 19 with the activation router; dense LlamaMLP: 5). Measured
+# with the centroid router (7 against 17 with the activation router; dense LlamaMLP: 5). Measured
 # (results/prefill-graph/, H200, bf16, 2026-11-30, the bit-mask routing kernel): Llama-7B FFN alone at 512 tokens
 # 0.93x dense at k/N 1/2 and 0.95x at 1/4 (mask 0.85x / 0.87x), at 2048 tokens 0.96x / 0.97x; the whole Llama-7B
 # forward of 512 tokens in a CUDA graph 0.96x dense (mask 0.90-0.92x), eagerly 0.81-0.82x (host-bound: the routed
@@ -153,7 +153,7 @@ class RoutedLlamaRouter(nn.Module):
             # as sensitive to rounding (an ad hoc check, results/compile-drift/README.md)
             return F.linear(x.float(), self.centroids.float())  # (M, N)
         sq = torch.zeros(h.shape[0], self.num_experts, device=h.device, dtype=torch.float32)  # (M, N)
-        sq.index_add_(1, self.expert_of_neuron(h.shape[-1]), h.float().square())
+        sq.index_add_(1, self.row_cluster(h.shape[-1]), h.float().square())
         return (sq / self.expert_offsets.diff().float()).sqrt()  # RMS: a cluster one neuron larger is not favoured
 
     def expert_of_neuron(self, intermediate_size: int) -> torch.Tensor:
@@ -294,7 +294,7 @@ class RoutedLlamaMLP(nn.Module):
         keep.scatter_(1, keep_ids, 1)
         if self.cluster_size is not None:  # (M, N, size) * (M, N, 1): no (M, I) mask is built
             return self.down_proj((h.reshape(m, n, self.cluster_size) * keep[:, :, None]).reshape(m, -1))
-        keep = keep.index_select(1, self.router.expert_of_neuron(self.intermediate_size))  # (M, I)
+        keep = keep.index_select(1, self.router.row_cluster(self.intermediate_size))  # (M, I)
         return self.down_proj(h * keep)
 
     def forward_sparse(self, x: torch.Tensor) -> torch.Tensor:
@@ -670,6 +670,16 @@ if triton is not None:
         tl.store(out_ptr + i, acc.to(out_ptr.dtype.element_ty), mask=i < MH)
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1). Plain Python: triton.next_power_of_2 and triton.cdiv are constexpr
+    functions whose Python-side call costs microseconds, paid per launch in every layer of an eager forward."""
+    return 1 << (n - 1).bit_length()
+
+
 _SM_COUNT = {}
 
 
@@ -723,16 +733,16 @@ def triton_routed_ffn(x, *, w_gate, w_up, w_down, row_cluster, top_k, centroids=
     inter = w_gate.shape[0]
     n = centroids.shape[0] if centroids is not None else offsets.numel() - 1
     t = {**TRITON_OPTIONS, **TRITON_TILES[mode], **tiles}  # a mode may set its own ctas_per_sm
-    block_m = 16 if mode == "dot" else triton.next_power_of_2(m)
-    block_n = triton.next_power_of_2(n)
+    block_m = 16 if mode == "dot" else _pow2(m)
+    block_n = _pow2(n)
     x = x.contiguous()
     scores = torch.empty(m, n, device=x.device, dtype=torch.float32)  # (M, N)
     h = torch.empty(m, inter, device=x.device, dtype=torch.float32)  # (M, I), every element written below
     route = centroids is not None
     if route:
-        block_h = min(4096, triton.next_power_of_2(hidden))
+        block_h = min(4096, _pow2(hidden))
         _centroid_scores_kernel[(n, m)](x, centroids, scores, hidden, n, BLOCK_H=block_h)
-    grid_rows = (triton.cdiv(inter, t["BLOCK_R"]),)
+    grid_rows = (_cdiv(inter, t["BLOCK_R"]),)
     _gate_up_kernel[grid_rows](
         x, w_gate, w_up, row_cluster, scores, h, m, hidden, inter, n, top_k, ROUTE=route, MODE=_MODES[mode],
         DOT_FP32=_dot_fp32(x.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=t["BLOCK_R"], BLOCK_K=t["BLOCK_K"],
@@ -775,10 +785,10 @@ def triton_prefill_ffn(x, *, w_gate, w_up, w_down, row_cluster, top_k, centroids
         n, act = offsets.numel() - 1, False
         scores = torch.empty(m, n, device=x.device, dtype=torch.float32)  # (M, N)
         _cluster_rms_kernel[(n, m)](g, offsets, scores, inter, n, BLOCK_C=256)
-    grid = (triton.cdiv(m, t["BLOCK_M"]), triton.cdiv(inter, t["ROWS"]))
+    grid = (_cdiv(m, t["BLOCK_M"]), _cdiv(inter, t["ROWS"]))
     _route_rows_kernel[grid](g, u, row_cluster, scores, g, m, inter, n, top_k, t["ROWS"], ACT=act,
                              INTERPRETED=TRITON_INTERPRET, KEEP_BITS=t["keep_bits"] and n <= 64, BLOCK_M=t["BLOCK_M"],
-                             BLOCK_N=triton.next_power_of_2(n), BLOCK_R=t["BLOCK_R"], num_warps=t["warps"])  # fmt: skip
+                             BLOCK_N=_pow2(n), BLOCK_R=t["BLOCK_R"], num_warps=t["warps"])  # fmt: skip
     return F.linear(g, w_down)  # (M, H)
 
 
@@ -786,12 +796,12 @@ def _down(h, w_down, dtype, mode, t):
     """out (M, H) = h (M, I) @ W_down^T over the column tiles where h is nonzero, with fp32 partial sums."""
     m, inter = h.shape
     hidden = w_down.shape[0]
-    row_tiles = triton.cdiv(hidden, t["BLOCK_H"])
-    col_tiles = triton.cdiv(inter, t["BLOCK_C"])
-    split = t.get("SPLIT") or triton.cdiv(t["ctas_per_sm"] * _sm_count(h.device), row_tiles)
+    row_tiles = _cdiv(hidden, t["BLOCK_H"])
+    col_tiles = _cdiv(inter, t["BLOCK_C"])
+    split = t.get("SPLIT") or _cdiv(t["ctas_per_sm"] * _sm_count(h.device), row_tiles)
     split = max(1, min(split, col_tiles))
     atomic = t["reduce"] == "atomic"
-    block_m = 16 if mode == "dot" else triton.next_power_of_2(m)
+    block_m = 16 if mode == "dot" else _pow2(m)
     if atomic:
         part = torch.zeros(m, hidden, device=h.device, dtype=torch.float32)  # (M, H) added to by every split
     else:
@@ -803,7 +813,7 @@ def _down(h, w_down, dtype, mode, t):
     if atomic:
         return part.to(dtype)
     out = torch.empty(m, hidden, device=h.device, dtype=dtype)
-    _sum_splits_kernel[(triton.cdiv(m * hidden, 1024),)](part, out, m * hidden, split, BLOCK=1024)
+    _sum_splits_kernel[(_cdiv(m * hidden, 1024),)](part, out, m * hidden, split, BLOCK=1024)
     return out
 
 
