@@ -77,6 +77,12 @@ if wants decode && [ ! -f "$OUT/prefill/prefill_profile.json" ]; then
     --ratios 0.5 0.25 1 --repeats 5 --ffn-tokens 512 --mask-rows
   run prefill-profile "$PY" benchmarks/prefill_profile.py --out "$OUT/prefill" --shapes llama7b tinyllama
 fi
+# results/prefill-graph: the same with 2048-token FFN rows, the gather variant, and every arm's forward in a CUDA graph
+if wants decode && [ ! -f "$OUT/prefill-graph/decode.json" ]; then
+  step "prefill-graph -> $OUT/prefill-graph"
+  run prefill-graph "$PY" benchmarks/decode.py --out "$OUT/prefill-graph" --shapes llama7b tinyllama --phases prefill \
+    --ratios 0.5 0.25 1 --repeats 5 --ffn-tokens 512 2048 --mask-rows --prefill-graph
+fi
 
 # results/decode-standin: decode speed of the base itself (real weights)
 if wants decode-standin && [ ! -f "$OUT/decode-standin/decode.json" ]; then
@@ -136,6 +142,15 @@ if wants rte; then
     run "$name" "$PY" -m finetune compare --model "$BASE" --task rte --data-dir "$GLUE" --lr "$lr" \
       --engine "$engine" --seeds 0 1 2 3 4 "${ARMS[@]}" --checkpoint-dir "$CK" --jobs "$JOBS" --group $group $flags \
       --output "$OUT/$name" --resume
+  done
+  # results/rte-standin-lr5e-4-compile16: 16 seeds, eager vs --compile, packed alike (packs of 8), paired by seed
+  for mode in eager compile; do
+    flags=$([ $mode = compile ] && echo --compile || true)
+    step "rte lr 5e-4, 16 seeds, $mode -> $OUT/rte-standin-lr5e-4-compile16/$mode"
+    # shellcheck disable=SC2086  # $flags is empty or one flag
+    run "rte16-$mode" "$PY" -m finetune compare --model "$BASE" --task rte --data-dir "$GLUE" --lr 5e-4 --engine fast \
+      --seeds $(seq 0 15) "${ARMS[@]}" --checkpoint-dir "$CK" --jobs "$JOBS" --group 8 $flags \
+      --output "$OUT/rte-standin-lr5e-4-compile16/$mode" --resume
   done
 fi
 
