@@ -140,7 +140,7 @@ class RoutedLlamaRouter(nn.Module):
         offsets = config.offsets_for_layer(layer_idx)
         self.register_buffer("centroids", torch.zeros(config.num_experts, config.hidden_size))
         self.register_buffer("expert_offsets", torch.tensor(offsets, dtype=torch.long))
-        self._row_cluster = {}  # device -> (I,) int32 cluster id of every neuron; a cache, not state
+        self._row_cluster = {}  # device -> (offsets, its version, (I,) int32 cluster ids); a cache, not state
         self._centroids_fp32 = None  # (centroids tensor, its version, fp32 copy); a cache, not state
 
     def scores(self, x: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
@@ -166,17 +166,20 @@ class RoutedLlamaRouter(nn.Module):
         return (neurons[:, None] >= self.expert_offsets[None, 1:]).sum(1)  # (I, N) -> (I,)
 
     def row_cluster(self, intermediate_size: int) -> torch.Tensor:
-        """`expert_of_neuron` as int32, cached per device (the Triton kernels read it every call). While a CUDA graph
-        is being captured it is computed but not cached: a tensor from the graph's private pool must not outlive it."""
-        device = self.expert_offsets.device
-        if torch.compiler.is_compiling():  # traced: two small ops in the graph, no Python-side cache to mutate
+        """`expert_of_neuron` as int32, cached per device until the offsets buffer is replaced or changed in place
+        (its version counter moves; the mask path and the Triton kernels read it every call). Not cached while traced,
+        while a CUDA graph is captured (a tensor from the graph's private pool must not outlive it), or for
+        inference-mode offsets, which have no version counter."""
+        offsets = self.expert_offsets
+        if torch.compiler.is_compiling() or offsets.is_inference():  # traced: small ops in the graph
             return self.expert_of_neuron(intermediate_size).to(torch.int32)
-        cached = self._row_cluster.get(device)
-        if cached is not None and cached.numel() == intermediate_size:
-            return cached
+        cached = self._row_cluster.get(offsets.device)
+        if cached is not None and cached[0] is offsets and cached[1] == offsets._version:
+            if cached[2].numel() == intermediate_size:
+                return cached[2]
         ids = self.expert_of_neuron(intermediate_size).to(torch.int32)
-        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-            self._row_cluster[device] = ids
+        if not (offsets.is_cuda and torch.cuda.is_current_stream_capturing()):
+            self._row_cluster[offsets.device] = (offsets, offsets._version, ids)
         return ids
 
     def centroids_fp32(self) -> torch.Tensor:

@@ -281,3 +281,22 @@ def test_expert_of_neuron_for_uneven_clusters(compiled):
     expected = torch.tensor([e for e in range(7) for _ in range(offsets[e + 1] - offsets[e])])
     fn = torch.compile(router.row_cluster, backend="aot_eager", fullgraph=True) if compiled else router.row_cluster
     assert torch.equal(fn(100).long(), expected)
+
+
+def test_row_cluster_cache_follows_the_offsets():
+    """The cached int32 ids (read by the mask path and the Triton kernels every call) are recomputed when the offsets
+    buffer is changed in place (as load_state_dict does) or replaced, and reused otherwise."""
+    from configuration_routed_llama import RoutedLlamaConfig
+
+    from modeling_routed_llama import RoutedLlamaRouter
+
+    cfg = RoutedLlamaConfig(hidden_size=16, intermediate_size=10, num_hidden_layers=1, num_attention_heads=2,
+                            num_experts=2, num_experts_per_tok=1, expert_offsets=[[0, 5, 10]])  # fmt: skip
+    router = RoutedLlamaRouter(cfg, 0)
+    first = router.row_cluster(10)
+    assert router.row_cluster(10) is first  # cached
+    with torch.no_grad():
+        router.expert_offsets.copy_(torch.tensor([0, 2, 10]))  # in place
+    assert router.row_cluster(10).tolist() == [0, 0] + [1] * 8
+    router.expert_offsets = torch.tensor([0, 9, 10])  # replaced (a registered buffer: assignment keeps it one)
+    assert router.row_cluster(10).tolist() == [0] * 9 + [1]
