@@ -177,8 +177,10 @@ class RoutedLlamaRouter(nn.Module):
         if cached is not None and cached[0] is offsets and cached[1] == offsets._version:
             if cached[2].numel() == intermediate_size:
                 return cached[2]
-        ids = self.expert_of_neuron(intermediate_size).to(torch.int32)
-        if not (offsets.is_cuda and torch.cuda.is_current_stream_capturing()):
+        with torch.inference_mode(False):  # a normal tensor even when first asked under inference mode: training
+            ids = self.expert_of_neuron(intermediate_size).to(torch.int32)  # may save it for backward later
+        # not while a CUDA graph is captured, and never a fake tensor (a FakeTensorMode trace outside torch.compile)
+        if type(ids) is torch.Tensor and not (offsets.is_cuda and torch.cuda.is_current_stream_capturing()):
             self._row_cluster[offsets.device] = (offsets, offsets._version, ids)
         return ids
 
@@ -363,10 +365,12 @@ class RoutedLlamaMLP(nn.Module):
             # op re-enters it: compiled and eager calls compute in the same dtypes (the prefill path's GEMMs and
             # router scores in bf16 under a bf16 autocast, as the mask path that trained the model).
             device = x.device.type
-            autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-            args = {"mode": "prefill"} if prefill or x.shape[0] > TRITON_MAX_TOKENS else {}
-            if autocast is not None:
-                args["autocast"] = autocast
+            args = {}
+            if prefill or x.shape[0] > TRITON_MAX_TOKENS:  # the prefill path (autocast casts its GEMMs; the
+                # decode kernels ignore it)
+                args["mode"] = "prefill"
+                if torch.is_autocast_enabled(device):
+                    args["autocast"] = torch.get_autocast_dtype(device)
             if not set(args) <= _OP_ARGS:  # an older copy of this file registered the op (see `_OP_ARGS`)
                 return self.forward_mask(x)
             return torch.ops.routed_llama.routed_ffn(x, **kw, **args)
@@ -709,8 +713,8 @@ def triton_mode(tokens: int, tiles: dict | None = None) -> str:
     tuned tiles): for 1 token "gemv1" took 49.0 us at k/N 1/2 against dense 83.9 us and mask 109.5 us; for 4 tokens
     "dot" took 86.5 us against "gemv" 358.9 us (dense 85.0 us, mask 117.8 us). 2, 3 and 5-16 tokens were not
     measured: they take "dot", the faster mode at 4. Above 16 the decode kernels' register tiles of all tokens
-    (BLOCK_M 16) no longer hold the input: "prefill" (results/prefill-graph/: 0.93-0.95x dense at 512 tokens, above mask's
-    0.85-0.87x; the decode kernels were not run there).
+    (BLOCK_M 16) no longer hold the input: "prefill" (results/prefill-graph/: 0.93-0.95x dense at 512 tokens, above
+    mask's 0.85-0.87x; the decode kernels were not run there).
     """
     if tiles and "mode" in tiles:
         return tiles["mode"]
@@ -821,9 +825,9 @@ def _down(h, w_down, dtype, mode, t):
 
 
 # `triton_routed_ffn` (default tiles; `mode` "prefill" forces the prefill path, None picks by token count) as a custom
-# op, so that torch.compile can hold it in a graph (fake: shapes only). `autocast`: the caller's autocast dtype, which
-# the compiled op's body would otherwise not see; the result is cast back to x's dtype (exact from the lower
-# precision, and what the residual add would promote it to). A checkpoint's copy of this file may be imported more
+# op, so that torch.compile can hold it in a graph (fake: shapes and dtype). `autocast`: the caller's autocast dtype
+# (passed with the prefill path, whose GEMMs autocast casts), which the compiled op's body would otherwise not see;
+# the result then has that dtype, as the eager call's does. A checkpoint's copy of this file may be imported more
 # than once (one module per checkpoint folder): the first registration serves them all. An older copy registers an op
 # without `mode` (whose kernels are wrong above 16 tokens) or without `autocast`: where that one came first, compiled
 # calls that need the missing argument run the mask path instead (`_OP_ARGS`).
@@ -837,11 +841,11 @@ if triton is not None and not hasattr(torch.ops.routed_llama, "routed_ffn"):
         with torch.autocast(x.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
             out = triton_routed_ffn(x, w_gate=w_gate, w_up=w_up, w_down=w_down, row_cluster=row_cluster, top_k=top_k,
                                     centroids=centroids, offsets=offsets, tiles=mode and {"mode": mode})  # fmt: skip
-        return out.to(x.dtype)
+        return out.to(autocast or x.dtype)  # the eager call's dtype: autocast's under autocast (a no-op cast)
 
     @_routed_ffn_op.register_fake
     def _(x, w_gate, w_up, w_down, row_cluster, top_k, centroids=None, offsets=None, mode=None, autocast=None):
-        return torch.empty_like(x)
+        return torch.empty_like(x, dtype=autocast or x.dtype)
 
 _OP_ARGS = set()
 if triton is not None:

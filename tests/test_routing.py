@@ -300,3 +300,20 @@ def test_row_cluster_cache_follows_the_offsets():
     assert router.row_cluster(10).tolist() == [0, 0] + [1] * 8
     router.expert_offsets = torch.tensor([0, 9, 10])  # replaced (a registered buffer: assignment keeps it one)
     assert router.row_cluster(10).tolist() == [0] * 9 + [1]
+
+
+def test_training_after_an_inference_mode_forward():
+    """A forward under torch.inference_mode (pipelines, the routing recorder) must not leave an inference tensor in
+    the cluster-id cache: the activation router's scores save those ids for backward in a later training step."""
+    from configuration_routed_llama import RoutedLlamaConfig
+
+    cfg = RoutedLlamaConfig(hidden_size=16, intermediate_size=30, num_hidden_layers=1, num_attention_heads=2,
+                            num_experts=3, num_experts_per_tok=1, router="activation",
+                            expert_offsets=[[0, 7, 20, 30]])  # fmt: skip
+    torch.manual_seed(0)
+    mlp = RoutedLlamaMLP(cfg, 0)
+    x = torch.randn(5, 16)
+    with torch.inference_mode():
+        mlp(x)
+    mlp(x.requires_grad_()).square().sum().backward()
+    assert x.grad is not None and mlp.gate_proj.weight.grad is not None
