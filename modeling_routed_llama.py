@@ -349,6 +349,7 @@ class RoutedLlamaMLP(nn.Module):
         shapes, so a decode step can be captured in a CUDA graph. Only called where `_triton_ok` holds.
         x (M, H) -> (M, H)."""
         router = self.router
+        prefill = prefill or x.shape[0] > TRITON_MAX_TOKENS  # the decode kernels' register tiles hold at most 16
         kw = dict(
             w_gate=self.gate_proj.weight,
             w_up=self.up_proj.weight,
@@ -366,15 +367,14 @@ class RoutedLlamaMLP(nn.Module):
             # router scores in bf16 under a bf16 autocast, as the mask path that trained the model).
             device = x.device.type
             args = {}
-            if prefill or x.shape[0] > TRITON_MAX_TOKENS:  # the prefill path (autocast casts its GEMMs; the
-                # decode kernels ignore it)
+            if prefill:  # the prefill path (autocast casts its GEMMs; the decode kernels ignore it)
                 args["mode"] = "prefill"
                 if torch.is_autocast_enabled(device):
                     args["autocast"] = torch.get_autocast_dtype(device)
             if not set(args) <= _OP_ARGS:  # an older copy of this file registered the op (see `_OP_ARGS`)
                 return self.forward_mask(x)
             return torch.ops.routed_llama.routed_ffn(x, **kw, **args)
-        if prefill or x.shape[0] > TRITON_MAX_TOKENS:  # straight to the prefill path: no tile dictionaries to merge
+        if prefill:  # straight to the prefill path: no tile dictionaries to merge
             if kw["centroids"] is not None:
                 kw["centroids"] = router.centroids_fp32()  # cached: one cast launch fewer per layer
             return triton_prefill_ffn(x, **kw)
@@ -644,11 +644,13 @@ if triton is not None:
         # KEEP_BITS (N <= 64): each token's kept set as one int64 bit mask, so a row's test is a shift of registers;
         # otherwise each token's k-th cluster, and a row is kept iff that cluster does not beat the row's own, which
         # gathers the row's score from the (M, N) table for every element
-        kth = (rank == top_k - 1) & (j[None, :] < N)  # (BM, BN) one True per token
-        s_k = tl.sum(tl.where(kth, s, 0.0), axis=1)  # (BM,)
-        c_k = tl.sum(tl.where(kth, j[None, :], 0), axis=1)  # (BM,)
-        bit = tl.full((BLOCK_N,), 1, tl.int64) << j.to(tl.int64)  # (BN,) 1 << j
-        bits = tl.sum(tl.where((rank < top_k) & (j[None, :] < N), bit[None, :], 0), axis=1)  # (BM,) int64
+        if KEEP_BITS:
+            bit = tl.full((BLOCK_N,), 1, tl.int64) << j.to(tl.int64)  # (BN,) 1 << j
+            bits = tl.sum(tl.where((rank < top_k) & (j[None, :] < N), bit[None, :], 0), axis=1)  # (BM,) int64
+        else:
+            kth = (rank == top_k - 1) & (j[None, :] < N)  # (BM, BN) one True per token
+            s_k = tl.sum(tl.where(kth, s, 0.0), axis=1)  # (BM,)
+            c_k = tl.sum(tl.where(kth, j[None, :], 0), axis=1)  # (BM,)
         r_lo = tl.program_id(1) * rows_per_program
         for r0 in range(r_lo, tl.minimum(r_lo + rows_per_program, I), BLOCK_R):
             r = r0 + tl.arange(0, BLOCK_R)  # (BR,)

@@ -212,9 +212,7 @@ def autocast_checks(args) -> list[dict]:
                 with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
                     rec["ran"] = mlp.pick_impl(x)
                     out = mlp(x)
-                    ref = mlp.forward_mask(x)
-                    h = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
-                    scores = mlp.router.scores(x, h)
+                    ref, scores = reference(None, x, mlp, {"mode": "prefill"})  # the mask path under the autocast
                     compiled = torch.compile(mlp, fullgraph=True)(x)
                 rec["rel_err"], rec["near_ties"] = compare(out, ref, scores, case[3])
                 rec["compiled_equal"] = (compiled.float() == out.float()).float().mean().item()
