@@ -862,6 +862,21 @@ if triton is not None:
 _CACHE_KWARG = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 
 
+def capture_cuda_graph(fn):
+    """(graph, output) of `fn()` captured in a CUDA graph, after two warm-up calls on a side stream: allocation and
+    compilation (Triton's, torch.compile's; a second call may recompile) must never happen inside a capture."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 class GreedyDecodeStep:
     """One greedy decode step (B tokens in, B tokens out) over a StaticCache of `max_cache_len` positions.
 
@@ -902,15 +917,7 @@ class GreedyDecodeStep:
         return self.forward(self.ids, self.step_model).argmax(-1)  # (B,)
 
     def _capture(self):
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # allocates the cache, compiles (a second call may recompile): never inside the capture
-                self._step()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.next_tokens = self._step()
+        self.graph, self.next_tokens = capture_cuda_graph(self._step)
 
     def reset(self):
         self.cache.reset()

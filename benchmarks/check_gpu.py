@@ -263,15 +263,7 @@ def mask_graph_check(args) -> list[dict]:
 
         eager = loss_and_grads().detach().clone()
         grads = [p.grad.clone() for p in model.parameters()]
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up on a side stream, as capturing a backward requires
-                loss_and_grads()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_loss = loss_and_grads()
+        graph, static_loss = mrl.capture_cuda_graph(loss_and_grads)  # warm-up on a side stream: a backward needs it
         graph.replay()
         torch.cuda.synchronize()
         record["loss_diff"] = (static_loss - eager).abs().item()

@@ -177,21 +177,6 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def capture(fn) -> torch.cuda.CUDAGraph:
-    """fn's kernels captured in a CUDA graph, after two warm-up calls on a side stream (allocation and Triton's
-    compilation must not happen inside the capture), as GreedyDecodeStep captures a decode step."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph
-
-
 def cuda_graphs(device) -> bool:
     """Whether decode steps are captured in CUDA graphs (on CUDA)."""
     return torch.device(device).type == "cuda"
@@ -390,7 +375,7 @@ def prefill_rows(name, dense, routed, ideals, args) -> list[dict]:
                 routed.model.set_top_k(k)
                 routed.config.routing_impl = impl
             if graph and not captured:
-                captured.append(capture(lambda: forward(model)))
+                captured.append(mrl.capture_cuda_graph(lambda: forward(model))[0])
             call = captured[0].replay if graph else lambda: forward(model)
             for _ in range(2):  # warm-up: the first call of a shape allocates and may compile
                 call()
