@@ -188,16 +188,10 @@ class FastEngine:
 
     def _capture(self, batch: data.Batch, fn: Callable):
         """Capture `fn` on static copies of `batch` (after two warm-up calls on a side stream, as CUDA graphs need)."""
+        import modeling_routed_llama  # one home for capturing; the project's modeling file works for any model
+
         static = {k: v.to(self.device) for k, v in self._tensors(batch).items()}
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                fn(static)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = fn(static)
+        graph, out = modeling_routed_llama.capture_cuda_graph(lambda: fn(static), pool=self.pool)
         return graph, static, out
 
     def _run(self, kind: str, batch: data.Batch, fn: Callable):
