@@ -41,12 +41,24 @@ class FakeGraph:
 @pytest.fixture
 def fake_cuda_graphs(monkeypatch):
     """torch.cuda's stream and graph calls as no-ops, so `GreedyDecodeStep._capture` runs its Python on the CPU."""
-    stream = type("S", (), {"wait_stream": lambda self, other: None})()
-    monkeypatch.setattr(torch.cuda, "Stream", lambda *a, **k: stream)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a, **k: stream)
+    made = []  # every stream created, in order
+
+    class FakeStream:
+        def __init__(self, *a, **k):
+            made.append(self)
+
+        def wait_stream(self, other):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    default = type("DefaultStream", (), {"wait_stream": lambda self, other: None})()
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a, **k: default)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
     monkeypatch.setattr(torch.cuda, "graph", lambda g, **k: contextlib.nullcontext())
+    monkeypatch.setattr(mrl, "_SIDE_STREAMS", {})
+    return made
 
 
 @pytest.fixture
@@ -89,6 +101,20 @@ def tiny_routed_lm(impl="auto"):
     model.config.routing_impl = impl
     assert all(p.requires_grad for p in model.parameters())
     return model
+
+
+def test_captures_share_one_warm_up_stream(fake_cuda_graphs, monkeypatch):
+    """Every capture of the process warms up on the same side stream: cuBLAS keeps a workspace per stream it ran on
+    for the life of the process, and a fresh stream per capture grew the default pool by ~0.3 GiB per training run on
+    an H200 (results/train-speed-one-stream/). The graph's pool is passed through; fn runs twice, then once captured."""
+    pools = []
+    monkeypatch.setattr(torch.cuda, "graph", lambda g, pool=None, **k: pools.append(pool) or contextlib.nullcontext())
+    calls = []
+    for i in range(3):
+        graph, out = mrl.capture_cuda_graph(lambda i=i: calls.append(i) or i * 10, pool=("pool", i))
+        assert isinstance(graph, FakeGraph) and out == i * 10
+    assert len(fake_cuda_graphs) == 1 and calls == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert pools == [("pool", 0), ("pool", 1), ("pool", 2)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
