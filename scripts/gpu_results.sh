@@ -118,6 +118,20 @@ if wants train-speed && [ ! -f "$OUT/train-speed-compile/compile-steady/train_sp
     --jobs 16 16 --trainer-epochs 0 --compile --output "$OUT/train-speed-compile/compile-steady"
 fi
 
+# results/train-speed-one-stream: the three arms solo in one process, eager then compiled, after every capture warms
+# up on one stream (order-before-fix/ showed the earlier excess follow the run order; the fixed code cannot redo it)
+if wants train-speed && [ ! -f "$OUT/train-speed-one-stream/compile/train_speed.json" ]; then
+  step "train-speed-one-stream -> $OUT/train-speed-one-stream"
+  routed_arms
+  for mode in eager compile; do
+    flags=$([ $mode = compile ] && echo --compile || true)
+    # shellcheck disable=SC2086  # $flags is empty or one flag
+    run "train-speed-one-stream-$mode" "$PY" benchmarks/train_speed.py --arm "plain=$BASE" \
+      --arm "routed-last8=$CK/routed-last8" --arm "routed-all30=$CK/routed-all" --data-dir "$GLUE" --task rte \
+      --epochs 5 --jobs 1 --trainer-epochs 0 $flags --output "$OUT/train-speed-one-stream/$mode"
+  done
+fi
+
 # results/train-profile, results/train-probe: where a training step's time goes (eager vs one CUDA graph per step)
 if wants train-speed && [ ! -f "$OUT/train-profile/profile.json" ]; then
   step "train-profile -> $OUT/train-profile, $OUT/train-probe"
@@ -143,9 +157,10 @@ if wants rte; then
       --engine "$engine" --seeds 0 1 2 3 4 "${ARMS[@]}" --checkpoint-dir "$CK" --jobs "$JOBS" --group $group $flags \
       --output "$OUT/$name" --resume
   done
-  # results/rte-standin-lr5e-4-compile16: 16 seeds, eager vs --compile, packed alike (packs of 8), paired by seed
-  for mode in eager compile; do
-    flags=$([ $mode = compile ] && echo --compile || true)
+  # results/rte-standin-lr5e-4-compile16: 16 seeds, eager vs --compile, packed alike (packs of 8), paired by seed;
+  # today's code makes compile-cluster-id-fix/ (compile/ and compile-autocast-fix/ were made before those fixes)
+  for mode in eager compile-cluster-id-fix; do
+    flags=$([ $mode = eager ] || echo --compile)
     step "rte lr 5e-4, 16 seeds, $mode -> $OUT/rte-standin-lr5e-4-compile16/$mode"
     # shellcheck disable=SC2086  # $flags is empty or one flag
     run "rte16-$mode" "$PY" -m finetune compare --model "$BASE" --task rte --data-dir "$GLUE" --lr 5e-4 --engine fast \
