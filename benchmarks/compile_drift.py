@@ -93,19 +93,6 @@ def tie_shares(model, inputs: dict, device) -> dict:
     return out
 
 
-@contextlib.contextmanager
-def top_k(model, k: int | None):
-    """A routed model at k for the duration (None: as it is)."""
-    before = model.config.num_experts_per_tok if k is not None else None
-    if k is not None:
-        model.model.set_top_k(k)
-    try:
-        yield
-    finally:
-        if k is not None:
-            model.model.set_top_k(before)
-
-
 def measure(ref: str, args, device) -> tuple[list[dict], dict | None]:
     task = tasks.get_task(args.task)
     tokenizer = models.load_tokenizer(ref)
@@ -120,16 +107,16 @@ def measure(ref: str, args, device) -> tuple[list[dict], dict | None]:
     settings = [("on", None), ("off", model.config.num_experts)] if routed else [(None, None)]
     eager, out, ties = {}, [], None
     for name, k in settings:
-        with top_k(model, k), router_inputs(model) as inputs:
+        with models.top_k(model, k), router_inputs(model) as inputs:
             eager[name] = logits(model, batches, device)
         if name == "on":  # the routed layers' inputs of this eager pass, at the model's own k
             ties = tie_shares(model, inputs, device)
-        with top_k(model, k):
+        with models.top_k(model, k):
             out.append(diff_row(ref, name, "perturb", eager[name], perturbed(model, batches, device, args.perturb, 0)))
         print(out[-1], flush=True)
     layers = fast.compile_layers(model)
     for name, k in settings:
-        with top_k(model, k):
+        with models.top_k(model, k):
             out.append(diff_row(ref, name, "compile", eager[name], logits(model, batches, device)))
         print(out[-1], flush=True)
     fast.uncompile_layers(layers)

@@ -8,6 +8,7 @@ a `ModelError`; the one expected gap is a new `score` head over a causal-LM chec
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -167,3 +168,20 @@ def base_fingerprint(model) -> str:
         if name.endswith("down_proj.weight") and "lora_" not in name:
             h.update(t.detach().float().cpu().flatten()[::997].numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def top_k(model, k: int | None):
+    """A routed model (bare, or wrapped by PEFT) at k for the duration of a `with` block, then at its k before, also
+    on an error; None leaves it as it is. k = N scores it with routing off. Through `set_top_k`, which every copy of
+    the modeling file has: a checkpoint runs its own copy, however old."""
+    if k is None:
+        yield model
+        return
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    before = base.config.num_experts_per_tok
+    base.model.set_top_k(k)
+    try:
+        yield model
+    finally:
+        base.model.set_top_k(before)

@@ -61,13 +61,8 @@ class Setup:
     @contextlib.contextmanager
     def routing_off(self):
         """k = N for the duration: the routed model computes every cluster (its dense equivalent)."""
-        base = self.model.get_base_model()
-        k = base.config.num_experts_per_tok
-        base.model.set_top_k(base.config.num_experts)
-        try:
+        with models.top_k(self.model, self.model.get_base_model().config.num_experts):
             yield
-        finally:
-            base.model.set_top_k(k)
 
 
 def prepare_group(cfgs: list[RunConfig], task: tasks.Task) -> list[Setup]:

@@ -171,6 +171,27 @@ def test_a_routed_checkpoint(routed_dir, tmp_path):
         models.load_classifier(str(bad), 2)
 
 
+def test_top_k_context_sets_k_and_restores_it_through_peft_even_on_an_error(routed_dir):
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    model = models.load_classifier(str(routed_dir), 2)
+    wrapped = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=2, target_modules=["q_proj"]))
+
+    def ks():
+        base = wrapped.get_base_model()
+        return {base.config.num_experts_per_tok, *(m.router.top_k for m in base.model.routed_mlps().values())}
+
+    with models.top_k(wrapped, ROUTED_N):
+        assert ks() == {ROUTED_N}
+    assert ks() == {2}
+    with pytest.raises(RuntimeError, match="inside"), models.top_k(model, 1):
+        assert ks() == {1}
+        raise RuntimeError("inside")
+    assert ks() == {2}
+    with models.top_k(model, None):
+        assert ks() == {2}
+
+
 def test_top_k_on_a_plain_base_is_refused(base_dir):
     with pytest.raises(ModelError, match="not a routed checkpoint"):
         models.load_classifier(str(base_dir), 2, top_k=2)
