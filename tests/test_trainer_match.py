@@ -259,7 +259,7 @@ def test_same_shuffle_same_batches_when_trainer_uses_megabatches_of_50(monkeypat
 @pytest.mark.xfail(strict=True, reason=(
     "megabatch size: transformers' get_length_grouped_indices (trainer_pt_utils.py:498) sorts within "
     "min(n // (4 * batch), 50) batches = 38 for RTE (2490 examples, batch 16: 608 examples, 5 windows per epoch); "
-    "finetune/data.py:19 MEGABATCH = 50 (800 examples, 4 windows). Measured on RTE lengths (stand-in tokenizer, "
+    "finetune/data.py MEGABATCH = 50 (800 examples, 4 windows). Measured on RTE lengths (stand-in tokenizer, "
     "16 seeds): mean within-batch length range 6.8 tokens (Trainer) vs 5.5 (fast)"
 ))  # fmt: skip
 def test_same_shuffle_same_batches_at_rte_size(monkeypatch):
@@ -272,7 +272,7 @@ def test_same_shuffle_same_batches_at_rte_size(monkeypatch):
 @pytest.mark.xfail(strict=True, reason=(
     "longest-first swap: transformers' get_length_grouped_indices (trainer_pt_utils.py:511-514) swaps the epoch's "
     "longest example into position 0 of the first megabatch (and that megabatch's longest into the other's first "
-    "place); finetune/data.py train_order (data.py:70-82) does not"
+    "place); finetune/data.py train_order does not"
 ))  # fmt: skip
 def test_same_shuffle_same_batches_when_the_longest_is_late(monkeypatch):
     n, bs = 3300, 16
