@@ -870,7 +870,8 @@ def capture_cuda_graph(fn, pool=None):
     warm-up calls on a side stream: allocation and compilation (Triton's, torch.compile's; a second call may recompile)
     must never happen inside a capture. One side stream per device serves every capture of the process: cuBLAS keeps
     a workspace (32 MiB on an H200) for each stream a handle has run on until the process ends, so a fresh stream per
-    capture left ~0.3 GiB more in the default pool after each training run (results/train-speed-order/)."""
+    capture left ~0.3 GiB more in the default pool after each training run (the routed-llama project's
+    results/train-speed-one-stream/)."""
     device = torch.cuda.current_device()
     stream = _SIDE_STREAMS.get(device)
     if stream is None:
