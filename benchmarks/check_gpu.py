@@ -157,10 +157,7 @@ def one_graph(record, mlp, ref_mlp, x, variant, dtype):
     call = kernel_call(mlp, variant)
     xs = x.clone()
     with torch.no_grad():
-        call(xs)  # compiles and caches outside the capture
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            ys = call(xs)
+        graph, ys = mrl.capture_cuda_graph(lambda: call(xs))  # compiles and caches in the warm-up, not the capture
         xs.copy_(torch.randn_like(xs.float()).to(dtype))
         graph.replay()
     torch.cuda.synchronize()

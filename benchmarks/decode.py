@@ -502,17 +502,12 @@ def bytes_read(mlp, x, variant: dict) -> tuple[int, int]:
 def time_us(fn, reps: int, device, graph: bool) -> float:
     """Microseconds per call of fn (a CUDA graph of `reps` calls on CUDA)."""
     if graph:
-        fn()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
+
+        def calls():
             for _ in range(reps):
                 fn()
-        run = g.replay
+
+        run = mrl.capture_cuda_graph(calls)[0].replay
     else:
         reps = 1
 
