@@ -217,12 +217,16 @@ def test_fast_engine_on_trainers_batches_computes_what_trainer_computes(tiny_tok
 # --- the data order's structure ---------------------------------------------------------------------------------
 
 
+def _perm(n: int, seed: int = 0) -> np.ndarray:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
+
+
 def _same_shuffle_orders(monkeypatch, lengths: list[int], batch_size: int, seed: int = 0):
     """(Trainer's LengthGroupedSampler order, `data.train_order`'s) for one epoch when both draw the same shuffle:
     numpy's permutation is replaced by torch's of the same seed."""
     from transformers.trainer_pt_utils import get_length_grouped_indices
 
-    perm = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).numpy()
+    perm = _perm(len(lengths), seed)
 
     class SameShuffle:
         def __init__(self, *_):
@@ -236,46 +240,38 @@ def _same_shuffle_orders(monkeypatch, lengths: list[int], batch_size: int, seed:
     with monkeypatch.context() as m:
         m.setattr(np.random, "default_rng", SameShuffle)
         ours = np.concatenate(data.train_order(lengths, batch_size, seed, 0)).tolist()
-    return trainer, ours, perm
+    return trainer, ours
 
 
-def _lengths(n: int, longest_at: int | None, perm: np.ndarray | None = None) -> list[int]:
+def _lengths(n: int, longest_at: int) -> list[int]:
+    """Random lengths, with the longest example (256) at position `longest_at` of the seed-0 shuffle."""
     lengths = np.random.default_rng(1).integers(5, 250, size=n)
-    if longest_at is not None:  # the longest example at that position of the shuffle
-        lengths[perm[longest_at]] = 256
+    lengths[_perm(n)[longest_at]] = 256
     return lengths.tolist()
 
 
-def test_same_shuffle_same_batches_when_trainer_uses_megabatches_of_50(monkeypatch):
-    """n >= 200 * batch (Trainer's megabatch is then 50 batches, as data.MEGABATCH) and the longest example in the
-    first megabatch (Trainer's swap is then a no-op): the two orders are the same, ties included."""
-    n, bs = 3300, 16
-    assert min(n // (bs * 4), 50) == data.MEGABATCH
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0)).numpy()
-    trainer, ours, _ = _same_shuffle_orders(monkeypatch, _lengths(n, 7, perm), bs)
-    assert trainer == ours
-
-
-@pytest.mark.xfail(strict=True, reason=(
+MEGABATCH_SIZE = pytest.mark.xfail(strict=True, reason=(
     "megabatch size: transformers' get_length_grouped_indices (trainer_pt_utils.py:498) sorts within "
     "min(n // (4 * batch), 50) batches = 38 for RTE (2490 examples, batch 16: 608 examples, 5 windows per epoch); "
     "finetune/data.py MEGABATCH = 50 (800 examples, 4 windows). Measured on RTE lengths (stand-in tokenizer, "
     "16 seeds): mean within-batch length range 6.8 tokens (Trainer) vs 5.5 (fast)"
 ))  # fmt: skip
-def test_same_shuffle_same_batches_at_rte_size(monkeypatch):
-    n, bs = 2490, 16
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0)).numpy()
-    trainer, ours, _ = _same_shuffle_orders(monkeypatch, _lengths(n, 7, perm), bs)
-    assert trainer == ours
-
-
-@pytest.mark.xfail(strict=True, reason=(
+LONGEST_FIRST = pytest.mark.xfail(strict=True, reason=(
     "longest-first swap: transformers' get_length_grouped_indices (trainer_pt_utils.py:511-514) swaps the epoch's "
     "longest example into position 0 of the first megabatch (and that megabatch's longest into the other's first "
     "place); finetune/data.py train_order does not"
 ))  # fmt: skip
-def test_same_shuffle_same_batches_when_the_longest_is_late(monkeypatch):
-    n, bs = 3300, 16
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0)).numpy()
-    trainer, ours, _ = _same_shuffle_orders(monkeypatch, _lengths(n, n - 1, perm), bs)
+
+
+@pytest.mark.parametrize("n, longest_at, trainer_megabatch", [
+    # n >= 200 * batch (Trainer's megabatch is then 50 batches, as data.MEGABATCH) and the longest example in the
+    # first megabatch (Trainer's swap is then a no-op): the two orders are the same, ties included
+    pytest.param(3300, 7, data.MEGABATCH, id="megabatches-of-50"),
+    pytest.param(2490, 7, 38, id="rte-size", marks=MEGABATCH_SIZE),
+    pytest.param(3300, 3299, data.MEGABATCH, id="longest-late", marks=LONGEST_FIRST),
+])  # fmt: skip
+def test_same_shuffle_same_batches(monkeypatch, n, longest_at, trainer_megabatch):
+    bs = 16
+    assert min(n // (bs * 4), 50) == trainer_megabatch  # the case is what its name says
+    trainer, ours = _same_shuffle_orders(monkeypatch, _lengths(n, longest_at), bs)
     assert trainer == ours
