@@ -387,14 +387,20 @@ class RoutedLlamaMLP(nn.Module):
 #
 # Surgery made every cluster a contiguous block of gate/up rows and down columns. The kernels tile the intermediate
 # dimension I into aligned tiles (not cluster-shaped ones, whose runtime bounds would defeat vectorised loads):
-#   1. scores (centroid router): one program per (cluster, token) computes x . centroid in fp32.
+#   1. scores (centroid router): one program per (cluster, token) computes x . centroid in fp32. (Computing them in
+#      N extra programs of the gate/up launch, the others spinning on a counter until they are done, measured slower:
+#      52.2 against 48.0 us per Llama-7B layer at k/N 1/2 on an H200, results/decode-kernels/.)
 #   2. gate/up: one program per tile of BLOCK_R rows. It ranks the scores itself (top-k fused, no extra launch) and,
 #      if any token keeps any of its rows, reads those rows of gate and up once for all tokens and writes
 #      h = silu(gate x) * (up x) * kept in fp32; a tile nobody keeps writes zeros and reads no weights.
 #      (Activation router: every tile is computed, then per-cluster RMS scores and a pass that zeroes dropped rows.)
 #   3. down: programs (row tile of W_down, split g) sum over column tiles g, g + SPLIT, ...; a column tile whose h is
 #      all zero (no token kept it) is skipped without reading its weights. Partial sums are fp32: either one buffer
-#      per split summed in a fixed order by a last small kernel (deterministic), or atomically added ("atomic").
+#      per split summed in a fixed order by a last small kernel ("split", deterministic), the same sum done inside
+#      down by the last program of each row tile to finish ("last": deterministic, the same bits as "split", one
+#      launch fewer), or atomically added ("atomic").
+# "last" counts arrivals in a per-device buffer of int32 counters (`_counters`) that each launch leaves zeroed again,
+# so two FFN calls on one device must not run at the same time (on two streams) with it.
 # Three ways to multiply: MODE 0 (one token: products accumulated elementwise, one reduction at the end, as in
 # TEAL/CATS GEMVs), MODE 1 (a few tokens: the weight tile is loaded once and reduced per token on CUDA cores; run
 # only on request, it measured slower than MODE 2, see `triton_mode`) and MODE 2 (tl.dot on tensor cores with the
@@ -412,10 +418,13 @@ TRITON_TILES = {
     "gemv": {"BLOCK_R": 8, "BLOCK_K": 256, "warps_gu": 4, "BLOCK_H": 16, "BLOCK_C": 128, "warps_d": 4},
     "dot": {"BLOCK_R": 32, "BLOCK_K": 128, "warps_gu": 4, "BLOCK_H": 64, "BLOCK_C": 64, "warps_d": 4, "ctas_per_sm": 4},
 }
-# How down's fp32 partial sums are reduced ("split": deterministic; "atomic": atomic adds) and how many programs per
-# SM down aims for (unless the mode sets its own).
-TRITON_OPTIONS = {"reduce": "split", "ctas_per_sm": 8}
+# How down's fp32 partial sums are reduced ("last" and "split": deterministic and the same bits; "atomic": atomic adds;
+# see the notes above) and how many programs per SM down aims for (unless the mode sets its own). "last" measured
+# fastest (results/decode-kernels/, H200, bf16, Llama-7B FFN alone, per layer): 1 token 48.0 us against "split" 48.8
+# and "atomic" 49.5 at k/N 1/2, 32.8 against 33.6 and 34.1 at 1/4; 4 tokens ("dot") 85.4 against 86.9 and 86.4.
+TRITON_OPTIONS = {"reduce": "last", "ctas_per_sm": 8}
 _MODES = {"gemv1": 0, "gemv": 1, "dot": 2}
+_REDUCE = {"split": 0, "atomic": 1, "last": 2}
 # The prefill path's routing kernel (`_route_rows_kernel`): tokens per program, rows per inner step, rows per program,
 # warps, and whether each token's kept set is held as an int64 bit mask (N <= 64; else each row's score is gathered).
 # Tiles from one ad hoc sweep on an H200 (2026-11-30, bf16, 512 tokens, I = 11008, N = 32, k = 16, the kernel alone in
@@ -553,10 +562,15 @@ if triton is not None:
         tl.store(ptrs, tl.where(kept, tl.load(ptrs, mask=valid, other=0.0), 0.0), mask=valid)
 
     @triton.jit
-    def _down_kernel(h_ptr, wd_ptr, out_ptr, M, H, I, n_col_tiles, split,
-                     MODE: tl.constexpr, DOT_FP32: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr,
+    def _down_kernel(h_ptr, wd_ptr, part_ptr, out_ptr, cnt_ptr, M, H, I, n_col_tiles, split,
+                     MODE: tl.constexpr, DOT_FP32: tl.constexpr, REDUCE: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
-        # program (row tile, g): out rows of this tile summed over column tiles g, g + split, ... (kept ones only)
+        # program (row tile, g): out rows of this tile summed over column tiles g, g + split, ... (kept ones only), in
+        # fp32: REDUCE 0 stores the partial in part[g] (summed by `_sum_splits_kernel`), 1 adds it to part[0]
+        # atomically, 2 stores it in part[g] and the tile's last program to arrive sums part[0..split) into out.
+        # A tile is read whole or not at all: masking out the columns of dropped clusters in groups of 8 (a tile that
+        # straddles a kept cluster reads a dropped one's columns too) read fewer bytes but measured slower, 53.0
+        # against 48.5 us per Llama-7B layer at k/N 1/2 (H200; results/decode-kernels/).
         rows = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)  # (BH,)
         g = tl.program_id(1)
         m = tl.arange(0, BLOCK_M)
@@ -594,10 +608,20 @@ if triton is not None:
         else:
             res = acc
         omask = (m[:, None] < M) & (rows[None, :] < H)
-        if ATOMIC:
-            tl.atomic_add(out_ptr + m[:, None] * H + rows[None, :], res, mask=omask)
+        mh = m[:, None] * H + rows[None, :]  # (BM, BH) offsets in an (M, H) buffer
+        if REDUCE == 1:
+            tl.atomic_add(part_ptr + mh, res, mask=omask)
         else:
-            tl.store(out_ptr + g * M * H + m[:, None] * H + rows[None, :], res, mask=omask)
+            tl.store(part_ptr + g * M * H + mh, res, mask=omask)
+        if REDUCE == 2:
+            tl.debug_barrier()  # every thread's partial stored, then one release (acq_rel: the last one acquires all)
+            arrived = tl.atomic_add(cnt_ptr + tl.program_id(0), 1, sem="acq_rel")
+            if arrived == split - 1:  # the last: sum in split order (as _sum_splits_kernel: the same bits)
+                acc_out = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
+                for s in range(0, split):  # .cg: from L2, where the other programs' partials are
+                    acc_out += tl.load(part_ptr + s * M * H + mh, mask=omask, other=0.0, cache_modifier=".cg")
+                tl.store(out_ptr + mh, acc_out.to(out_ptr.dtype.element_ty), mask=omask)
+                tl.atomic_xchg(cnt_ptr + tl.program_id(0), 0)  # zeroed for the next call
 
     # The prefill path's one kernel (`triton_prefill_ffn`): an elementwise pass between cuBLAS GEMMs.
 
@@ -801,28 +825,48 @@ def triton_prefill_ffn(x, *, w_gate, w_up, w_down, row_cluster, top_k, centroids
     return F.linear(g, w_down)  # (M, H)
 
 
+_COUNTERS: dict = {}  # device -> the down kernel's int32 arrival counters, zero between launches
+
+
+def _counters(device: torch.device) -> torch.Tensor | None:
+    """The device's int32 arrival counters of the "last" reduction (one per row tile of down), zeroed when made on
+    first use; every launch leaves them zeroed again. None if none exist yet and a CUDA graph is being captured: the
+    memory would belong to that graph (a capture follows warm-up calls, which make them)."""
+    buf = _COUNTERS.get(device)
+    if buf is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        buf = _COUNTERS[device] = torch.zeros(8192, device=device, dtype=torch.int32)  # H up to 65536 at BLOCK_H 8
+    return buf
+
+
 def _down(h, w_down, dtype, mode, t):
-    """out (M, H) = h (M, I) @ W_down^T over the column tiles where h is nonzero, with fp32 partial sums."""
+    """out (M, H) = h (M, I) @ W_down^T over the column tiles where h is nonzero, with fp32 partial sums reduced as
+    t["reduce"] says ("last" runs "split", which gives the same bits, where `_counters` has none to give)."""
     m, inter = h.shape
     hidden = w_down.shape[0]
     row_tiles = _cdiv(hidden, t["BLOCK_H"])
     col_tiles = _cdiv(inter, t["BLOCK_C"])
     split = t.get("SPLIT") or _cdiv(t["ctas_per_sm"] * _sm_count(h.device), row_tiles)
     split = max(1, min(split, col_tiles))
-    atomic = t["reduce"] == "atomic"
+    counters = _counters(h.device) if t["reduce"] == "last" else None
+    counters = counters if counters is not None and counters.numel() >= row_tiles else None
+    reduce = "split" if t["reduce"] == "last" and counters is None else t["reduce"]
     block_m = 16 if mode == "dot" else _pow2(m)
-    if atomic:
-        part = torch.zeros(m, hidden, device=h.device, dtype=torch.float32)  # (M, H) added to by every split
+    if reduce == "atomic":
+        part = out = torch.zeros(m, hidden, device=h.device, dtype=torch.float32)  # (M, H) added to by every split
     else:
         part = torch.empty(split, m, hidden, device=h.device, dtype=torch.float32)  # (SPLIT, M, H)
+        out = torch.empty(m, hidden, device=h.device, dtype=dtype)
     _down_kernel[(row_tiles, split)](
-        h, w_down, part, m, hidden, inter, col_tiles, split, MODE=_MODES[mode], DOT_FP32=_dot_fp32(dtype),
-        ATOMIC=atomic, BLOCK_M=block_m, BLOCK_H=t["BLOCK_H"], BLOCK_C=t["BLOCK_C"], num_warps=t["warps_d"],
+        h, w_down, part, out, counters if counters is not None else part, m, hidden, inter, col_tiles, split,
+        MODE=_MODES[mode], DOT_FP32=_dot_fp32(dtype), REDUCE=_REDUCE[reduce], BLOCK_M=block_m, BLOCK_H=t["BLOCK_H"],
+        BLOCK_C=t["BLOCK_C"], num_warps=t["warps_d"],
     )  # fmt: skip
-    if atomic:
+    if reduce == "atomic":
         return part.to(dtype)
-    out = torch.empty(m, hidden, device=h.device, dtype=dtype)
-    _sum_splits_kernel[(_cdiv(m * hidden, 1024),)](part, out, m * hidden, split, BLOCK=1024)
+    if reduce == "split":
+        _sum_splits_kernel[(_cdiv(m * hidden, 1024),)](part, out, m * hidden, split, BLOCK=1024)
     return out
 
 

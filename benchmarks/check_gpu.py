@@ -5,13 +5,16 @@
 
 Checks (one record each: {check, ..., ok, and the measured error or the error message}):
 - "kernel": `triton_routed_ffn` against the mask reference (`forward_mask`), for fp32, bf16 and fp16, both routers,
-  cluster layouts that are uneven and have N not a power of two, 1-8 and 16 tokens, every multiply mode and both
-  reductions; 17 and 512 tokens through the prefill path, whose reference is the mask path in the same dtype.
+  cluster layouts that are uneven and have N not a power of two, 1-8 and 16 tokens, every multiply mode and the
+  reductions of down's partial sums in --reduces ("last" must also give the bits of "split": `same_as_split`);
+  17 and 512 tokens through the prefill path, whose reference is the mask path in the same dtype.
   Half-precision outputs are compared with an fp32 reference computed on the same rounded weights.
   Metric: max |out - ref| / max |ref| over the tokens whose k-th and (k+1)-th reference scores are not a near tie
   (relative gap >= 1e-5; such tokens may legitimately route differently and are counted in `near_ties`).
   Tolerances: TOL.
-- "graph": the same comparison for a call captured in a CUDA graph and replayed on new inputs.
+- "graph": the same comparison for a call captured in a CUDA graph and replayed on new inputs; for "last", 20
+  replays must each give the bits of "split" called eagerly on those inputs (`replays_same_as_split`: a race
+  between down's programs, or counters not left at zero, would show there).
 - "autocast": fp32 weights under a bf16 autocast (how the finetune harness evaluates), 512 tokens, both routers:
   the module's own path ("auto": the prefill path on a capable GPU) against the mask path under the same autocast
   (metric and tolerance as "kernel"), and the module under torch.compile against the eager module (`equal`: the
@@ -106,13 +109,13 @@ def reference(ref_mlp, x, mlp=None, variant=None):
         return ref_mlp.forward_mask(xf), ref_mlp.router.scores(xf, h)
 
 
-def variants(tokens: int, quick: bool) -> list[dict]:
+def variants(tokens: int, args) -> list[dict]:
     if tokens > mrl.TRITON_MAX_TOKENS:  # the prefill path: one variant (cuBLAS GEMMs, one routing kernel)
         return [{"mode": "prefill"}]
-    if quick:
-        return [{"mode": mrl.triton_mode(tokens), "reduce": "split"}]
+    if args.quick:
+        return [{"mode": mrl.triton_mode(tokens), "reduce": mrl.TRITON_OPTIONS["reduce"]}]
     modes = ["gemv1"] if tokens == 1 else ["gemv", "dot"]
-    return [{"mode": m, "reduce": red} for m in modes for red in ("split", "atomic")]
+    return [{"mode": m, "reduce": red} for m in modes for red in args.reduces]
 
 
 def kernel_checks(args) -> list[dict]:
@@ -135,7 +138,7 @@ def case_checks(case, router, dtype, args) -> list[dict]:
     records = []
     # decode kernels up to TRITON_MAX_TOKENS (16), the prefill path above it (17: a partial token tile; 512: prefill)
     for tokens in (1, 3, 8, 17) if args.quick else (1, 2, 4, 8, 16, 17, 512):
-        for variant in variants(tokens, args.quick):
+        for variant in variants(tokens, args):
             base = {"hidden": case[0], "intermediate": case[1], "N": case[2], "k": case[3], "uneven": case[4],
                     "router": router, "dtype": str(dtype).split(".")[1], "tokens": tokens, **variant}  # fmt: skip
             x = torch.randn(tokens, case[0], device=device).to(dtype)
@@ -145,12 +148,21 @@ def case_checks(case, router, dtype, args) -> list[dict]:
     return records
 
 
+def split_bits(mlp, x, variant) -> torch.Tensor:
+    """The same call with the "split" reduction, whose bits "last" must give."""
+    with torch.no_grad():
+        return kernel_call(mlp, {**variant, "reduce": "split"})(x)
+
+
 def one_kernel(record, mlp, ref_mlp, x, variant, dtype):
     with torch.no_grad():
         out = kernel_call(mlp, variant)(x)
     ref, scores = reference(ref_mlp, x, mlp, variant)
     record["rel_err"], record["near_ties"] = compare(out, ref, scores, mlp.router.top_k)
     record["ok"] = out.dtype == dtype and out.shape == x.shape and record["rel_err"] <= TOL[dtype]
+    if variant.get("reduce") == "last":
+        record["same_as_split"] = torch.equal(out, split_bits(mlp, x, variant))
+        record["ok"] = record["ok"] and record["same_as_split"]
 
 
 def one_graph(record, mlp, ref_mlp, x, variant, dtype):
@@ -164,6 +176,14 @@ def one_graph(record, mlp, ref_mlp, x, variant, dtype):
     ref, scores = reference(ref_mlp, xs, mlp, variant)
     record["rel_err"], record["near_ties"] = compare(ys, ref, scores, mlp.router.top_k)
     record["ok"] = record["rel_err"] <= TOL[dtype]
+    if variant.get("reduce") == "last":
+        same = 0
+        for _ in range(20):
+            xs.copy_(torch.randn_like(xs.float()).to(dtype))
+            graph.replay()
+            same += torch.equal(ys, split_bits(mlp, xs, variant))
+        record["replays_same_as_split"] = f"{same}/20"
+        record["ok"] = record["ok"] and same == 20
 
 
 def auto_checks(args) -> list[dict]:
@@ -358,6 +378,8 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="one small shape, fewer variants (CPU smoke runs)")
     p.add_argument("--checks", nargs="+", choices=sorted(GROUPS), default=sorted(GROUPS),
                    help="which groups of checks to run (default: all)")
+    p.add_argument("--reduces", nargs="+", choices=sorted(mrl._REDUCE), default=sorted(mrl._REDUCE),
+                   help="the reductions of down's partial sums the kernel and graph checks run (default: all)")
     return p.parse_args(argv)
 
 

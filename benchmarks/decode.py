@@ -474,9 +474,15 @@ def generate_rows(name, routed, args, loop_rows, compiled=False) -> list[dict]:
 
 
 def ffn_variants(tokens: int) -> list[dict]:
-    """Triton variants timed for this many tokens: the mode "auto" would pick first, then the others that apply."""
+    """Triton variants timed for this many tokens: the mode "auto" would pick first, then the others that apply; per
+    mode every reduction of down's partial sums."""
     modes = ["gemv1"] if tokens == 1 else [mrl.triton_mode(tokens), *({"gemv", "dot"} - {mrl.triton_mode(tokens)})]
-    return [{"mode": m, "reduce": red} for m in modes for red in ("split", "atomic")]
+    return [{"mode": m, "reduce": red} for m in modes for red in ("split", "atomic", "last")]
+
+
+def variant_name(v: dict) -> str:
+    """A Triton variant's row name: "gemv1/split"."""
+    return f"{v['mode']}/{v['reduce']}"
 
 
 def bytes_read(mlp, x, variant: dict) -> tuple[int, int]:
@@ -557,8 +563,9 @@ def ffn_rows(shape: str, args) -> list[dict]:
             fns = {"dense": cycle(dense, x), "ideal": cycle(ideal, x)}
             fns["mask"] = cycle([m.forward_mask for m in routed], x)
             if runs_kernels and tokens <= mrl.TRITON_MAX_TOKENS:  # the decode kernels
-                for v in ffn_variants(tokens):
-                    fns[f"{v['mode']}/{v['reduce']}"] = cycle([kernel_call(m, v) for m in routed], x)
+                variants = {variant_name(v): v for v in ffn_variants(tokens)}
+                for name, v in variants.items():
+                    fns[name] = cycle([kernel_call(m, v) for m in routed], x)
             if runs_kernels and tokens > mrl.AUTO_TRITON_MAX_TOKENS:  # the prefill path, as "auto" runs it there
                 fns["prefill"] = cycle([kernel_call(m, {"mode": "prefill"}) for m in routed], x)
                 # the same with each row's score gathered instead of the kept set's bit mask (what N > 64 runs)
@@ -574,8 +581,7 @@ def ffn_rows(shape: str, args) -> list[dict]:
                 row = make_row(base, {"dense": values["dense"], "ideal": values["ideal"], name: values[name]},
                                routed=name, larger_is_faster=False, unit="us")  # fmt: skip
                 if not name.startswith(("mask", "prefill")) and row.get("routed_us"):
-                    mode, reduce = name.split("/")
-                    read, kept = bytes_read(routed[0], x, {"mode": mode, "reduce": reduce})
+                    read, kept = bytes_read(routed[0], x, variants[name])
                     row.update(bytes_read=read, kept_bytes=kept, gb_s=round(read / row["routed_us"] / 1e3, 1))
                 if row.get("dense_us"):
                     dense_bytes = 3 * hidden * inter * dense[0].gate_proj.weight.element_size()

@@ -207,32 +207,36 @@ TRITON_SCRIPT = textwrap.dedent(
     assert mrl.triton is not None and mrl.TRITON_INTERPRET
     # several tiles with masked edges (H = 48, I = 100), and a split of down over column tiles
     small = dict(BLOCK_R=32, BLOCK_K=32, BLOCK_H=32, BLOCK_C=32, SPLIT=2)
-    # (mode, tokens, reduce, k): every mode, 1-8 tokens, both reductions
+    # (mode, tokens, reduce, k): every mode, 1-8 tokens, every reduction
     cases = [("gemv1", 1, "split", 3), ("gemv1", 1, "atomic", 1), ("gemv", 2, "split", 3), ("gemv", 4, "atomic", 3),
-             ("dot", 5, "split", 3), ("dot", 8, "atomic", 3), ("dot", 8, "split", 1)]
+             ("dot", 5, "split", 3), ("dot", 8, "atomic", 3), ("dot", 8, "split", 1), ("gemv1", 1, "last", 3),
+             ("gemv", 3, "last", 1), ("dot", 6, "last", 3)]
     # and the shipped default tiles of the two modes "auto" runs (TRITON_TILES, tuned on the H200)
-    defaults = [("gemv1", 1, "split", 3), ("dot", 4, "split", 3)]
+    defaults = [("gemv1", 1, "default", 3), ("dot", 4, "default", 3)]
     results = []
     for router in ("centroid", "activation"):
         for dtype in (torch.float32, torch.bfloat16):
             mlp = routed_ffn(router, 3).to(dtype)  # N = 6 uneven clusters
             ref_mlp = routed_ffn(router, 3).to(dtype).float()  # the same rounded weights, computed in fp32
-            for mode, m, reduce, k in cases + [(mode, m, "default", k) for mode, m, _, k in defaults]:
+            for mode, m, reduce, k in cases + defaults:
                 tiles = {"mode": mode} if reduce == "default" else {**small, "mode": mode, "reduce": reduce}
                 for layer in (mlp, ref_mlp):
                     layer.router.top_k = k
                 x = torch.randn(m, 48).to(dtype)  # (M, H)
+                kw = dict(w_gate=mlp.gate_proj.weight, w_up=mlp.up_proj.weight, w_down=mlp.down_proj.weight,
+                          row_cluster=mlp.router.row_cluster(100), top_k=k, offsets=mlp.router.expert_offsets,
+                          centroids=mlp.router.centroids if router == "centroid" else None)
                 with torch.no_grad():
                     ref = ref_mlp.forward_mask(x.float())
-                    out = mrl.triton_routed_ffn(
-                        x, w_gate=mlp.gate_proj.weight, w_up=mlp.up_proj.weight, w_down=mlp.down_proj.weight,
-                        row_cluster=mlp.router.row_cluster(100), top_k=k, offsets=mlp.router.expert_offsets,
-                        centroids=mlp.router.centroids if router == "centroid" else None,
-                        tiles=tiles,
-                    )
+                    out = mrl.triton_routed_ffn(x, **kw, tiles=tiles)
+                    # "last" gives the bits of "split" (the same sums in the same order, in down's last program)
+                    plain = mrl.triton_routed_ffn(x, **kw, tiles={**tiles, "reduce": "split"})
+                counters = mrl._COUNTERS.get(x.device)
                 results.append(dict(router=router, dtype=str(dtype).split(".")[1], mode=mode, m=m, k=k, reduce=reduce,
                                     shape=list(out.shape), out_dtype=str(out.dtype),
-                                    err=((out.float() - ref).abs().max() / ref.abs().max()).item()))
+                                    err=((out.float() - ref).abs().max() / ref.abs().max()).item(),
+                                    same_as_plain=torch.equal(out, plain),
+                                    counters_zero=counters is None or not counters.any().item()))
     print("KERNELS " + json.dumps(results))
     """
 )
@@ -263,12 +267,15 @@ def interpreted(tmp_path_factory) -> dict:
 def test_triton_kernels_equal_forward_mask_in_interpreter(interpreted):
     """triton_routed_ffn equals forward_mask for N = 6 uneven clusters (sizes 1 to 25), H = 48 and I = 100 (not
     multiples of the tiles), both routers, fp32 and bf16, every multiply mode with 1-8 tokens, both reductions and
-    k in {1, 3}, and the default tiles of "gemv1" and "dot"; tolerances in TRITON_TOL."""
+    k in {1, 3}, and the default tiles of "gemv1" and "dot"; tolerances in TRITON_TOL. The reduction "last" (the
+    default) gives the same bits as "split" and leaves its arrival counters zeroed."""
     results = interpreted["KERNELS"]
-    assert len(results) == 2 * 2 * (7 + 2)
+    assert len(results) == 2 * 2 * (10 + 2)
     for r in results:
         assert r["shape"] == [r["m"], 48] and r["out_dtype"] == f"torch.{r['dtype']}"
         assert r["err"] <= TRITON_TOL[r["dtype"]], r
+        assert r["counters_zero"], r
+        assert r["same_as_plain"] or r["reduce"] == "atomic", r
 
 
 MODEL_SCRIPT = textwrap.dedent(
@@ -576,12 +583,12 @@ for dt, dot_fp32 in (("bf16", False), ("fp32", True)):
     for mode, bm in ((0, 1), (1, 4), (2, 16)):
         gu = {"x_ptr": "*" + dt, "wg_ptr": "*" + dt, "wu_ptr": "*" + dt, "rc_ptr": "*i32", "s_ptr": "*fp32",
               "h_ptr": "*fp32", **{n: "i32" for n in ("M", "H", "I", "N", "top_k")}}
-        down = {"h_ptr": "*fp32", "wd_ptr": "*" + dt, "out_ptr": "*fp32",
+        down = {"h_ptr": "*fp32", "wd_ptr": "*" + dt, "part_ptr": "*fp32", "out_ptr": "*" + dt, "cnt_ptr": "*i32",
                 **{n: "i32" for n in ("M", "H", "I", "n_col_tiles", "split")}}
         cases += [(mrl._gate_up_kernel, gu, dict(ROUTE=route, MODE=mode, DOT_FP32=dot_fp32, BLOCK_M=bm, BLOCK_N=32,
                                                  BLOCK_R=64, BLOCK_K=128)) for route in (True, False)]
-        cases += [(mrl._down_kernel, down, dict(MODE=mode, DOT_FP32=dot_fp32, ATOMIC=atomic, BLOCK_M=bm, BLOCK_H=64,
-                                                BLOCK_C=128)) for atomic in (False, True)]
+        cases += [(mrl._down_kernel, down, dict(MODE=mode, DOT_FP32=dot_fp32, REDUCE=reduce, BLOCK_M=bm, BLOCK_H=64,
+                                                BLOCK_C=128)) for reduce in (0, 1, 2)]
     # the prefill path: the routing kernel (with and without the activation; h in the weights' dtype) and the RMS
     # scores of such an h (activation router)
     rows = {"g_ptr": "*" + dt, "u_ptr": "*" + dt, "rc_ptr": "*i32", "s_ptr": "*fp32", "h_ptr": "*" + dt,
