@@ -69,6 +69,12 @@ if wants decode && [ ! -f "$OUT/decode/decode.json" ]; then
   run decode "$PY" benchmarks/decode.py --shapes tinyllama llama7b --batches 1 4 --ratios 0.25 0.5 1 --ffn-tokens 1 4 512 \
     --compile --compile-batches 1 --out "$OUT/decode"  # compiled rows: ~1 min of compiling per (model, k)
 fi
+# results/decode-kernels/profile: where a compiled 7B decode step's time goes, kernel by kernel, per arm
+if wants decode && [ ! -f "$OUT/decode-kernels/profile/decode_profile.json" ]; then
+  step "decode-profile -> $OUT/decode-kernels/profile"
+  run decode-profile "$PY" benchmarks/decode_profile.py --out "$OUT/decode-kernels/profile" --shapes llama7b \
+    --ratios 0.5 --compile
+fi
 
 # results/prefill: the prefill path against dense and mask (FFN alone and whole model), and a profile of one prefill
 if wants decode && [ ! -f "$OUT/prefill/prefill_profile.json" ]; then
