@@ -45,6 +45,22 @@ def test_load_entropy_busiest_by_hand():
     assert (s["busiest_cluster"], s["least_used_cluster"], s["unused_clusters"]) == (0, 2, 0)
     assert s["max_load_over_uniform"] == pytest.approx(2.0)
     assert (s["clusters_kept_by_over_90pct"], s["clusters_kept_by_under_10pct"]) == (1, 0)
+    # batch of 2: (1 + (1 - 0.5^2) + 2 (1 - 0.75^2)) / 4; uniform 1 - (1 - 2/4)^2
+    assert s["batch_union"]["2"] == pytest.approx((1 + 0.75 + 2 * 0.4375) / 4)
+    assert s["batch_union"]["1"] == pytest.approx(0.5) and s["batch_union_uniform"]["2"] == pytest.approx(0.75)
+
+
+def test_batch_union_equals_sampled_batches():
+    """batch_union is the mean union of B tokens drawn with replacement: checked against 20,000 drawn batches."""
+    rng = np.random.default_rng(0)
+    sel = np.stack([rng.choice(8, size=3, replace=False, p=[0.3, 0.3, 0.1, 0.1, 0.1, 0.04, 0.03, 0.03])
+                    for _ in range(400)])  # fmt: skip
+    share = S.cluster_load(sel, 8) * 3
+    for b in (2, 4):
+        draws = sel[rng.integers(0, len(sel), size=(20000, b))]  # (draws, B, k)
+        kept = np.zeros((20000, 8), dtype=bool)
+        np.put_along_axis(kept, draws.reshape(20000, -1), True, axis=1)
+        assert S.batch_union(share, b) == pytest.approx(kept.mean(), abs=0.005)
 
 
 def test_entropy_extremes():

@@ -26,6 +26,9 @@ DEFINITIONS = {
     "token_share": "fraction of tokens that keep the cluster = load * k",
     "normalised_entropy": "entropy(load) / log N; floor log k / log N",
     "busiest_share": "token share of the most-kept cluster",
+    "batch_union": "per batch size B: expected fraction of clusters kept by at least one of B tokens drawn "
+    "independently from the recorded ones = mean over clusters of 1 - (1 - token share)^B (with equal clusters: the "
+    "fraction of FFN weights the decode kernels read for B concurrent requests); batch_union_uniform: 1 - (1 - k/N)^B",
     "coselection.normalised": "fraction of tokens that keep both clusters (diagonal: keep the cluster)",
     "coselection.lift": "P(i and j) / (P(i) P(j))",
     "coselection.correlation": "phi coefficient of the keep-indicators of i and j over tokens",

@@ -66,8 +66,22 @@ def busiest_share(sel, num_experts: int) -> tuple[int, float]:
     return e, float(counts[e] / sel.shape[0])
 
 
+BATCHES = (1, 2, 4, 8)  # the batch sizes of `batch_union`
+
+
+def batch_union(token_share, batch: int) -> float:
+    """Expected fraction of the N clusters that at least one of `batch` tokens keeps, for tokens drawn independently
+    from the recorded ones (as concurrent requests are): sum over clusters of 1 - (1 - share)^batch, over N. With
+    equal clusters (as balanced conversions make them) this is the fraction of the FFN's weights the decode kernels
+    read for a batch of that many requests, which read the union of the batch's kept clusters."""
+    share = np.clip(np.asarray(token_share, dtype=np.float64), 0.0, 1.0)
+    return float((1.0 - (1.0 - share) ** batch).mean())
+
+
 def layer_summary(sel, num_experts: int) -> dict:
-    """Load, token share, normalised entropy (and its floor log k / log N) and busiest cluster of one layer."""
+    """Load, token share, normalised entropy (and its floor log k / log N), busiest cluster, and the fraction of
+    clusters a batch of B independent tokens keeps between them (`batch_union`; under uniform routing: 1 - (1 -
+    k/N)^B) of one layer."""
     sel = check_selections(sel, num_experts)
     k = sel.shape[1]
     load = cluster_load(sel, num_experts)
@@ -87,6 +101,8 @@ def layer_summary(sel, num_experts: int) -> dict:
         "clusters_kept_by_over_90pct": int((load * k > 0.9).sum()),
         "clusters_kept_by_under_10pct": int((load * k < 0.1).sum()),
         "max_load_over_uniform": float(load.max() * num_experts),
+        "batch_union": {str(b): batch_union(load * k, b) for b in BATCHES},
+        "batch_union_uniform": {str(b): 1.0 - (1.0 - k / num_experts) ** b for b in BATCHES},
     }
 
 

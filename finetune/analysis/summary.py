@@ -53,17 +53,21 @@ def _load_section(r: dict, figures: dict[str, str]) -> list[str]:
         "",
         f"Load = fraction of token-selections per cluster (uniform {100 / n:.2f}%); token share = fraction of tokens "
         f"that keep the cluster (uniform k/N = {k / n:.2f}). Normalised entropy = H(load)/log N; with k = {k} of "
-        f"N = {n} it cannot go below log k/log N = {math.log(k) / math.log(n):.3f}.",
+        f"N = {n} it cannot go below log k/log N = {math.log(k) / math.log(n):.3f}. Batch of 4 = expected fraction "
+        f"of clusters that at least one of 4 independently drawn tokens keeps (what the decode kernels read for 4 "
+        f"concurrent requests; uniform routing: {1 - (1 - k / n) ** 4:.3f}).",
         "",
         "| layer | normalised entropy | busiest cluster | its token share | least-used cluster | its token share "
-        "| unused | clusters kept by > 90% / < 10% of tokens |",
-        "|---|---|---|---|---|---|---|---|",
+        "| unused | clusters kept by > 90% / < 10% of tokens | batch of 4 |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for i, s in r["layers"].items():
+        union = s.get("batch_union", {}).get("4")  # records written before it existed lack it
         lines.append(
             f"| {i} | {s['normalised_entropy']:.4f} | {s['busiest_cluster']} | {s['busiest_share']:.3f} | "
             f"{s['least_used_cluster']} | {s['least_used_share']:.3g} | {s['unused_clusters']} | "
-            f"{s['clusters_kept_by_over_90pct']} / {s['clusters_kept_by_under_10pct']} |"
+            f"{s['clusters_kept_by_over_90pct']} / {s['clusters_kept_by_under_10pct']} | "
+            f"{'' if union is None else f'{union:.3f}'} |"
         )
     return lines + [
         "",
