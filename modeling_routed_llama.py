@@ -618,7 +618,7 @@ if triton is not None:
             arrived = tl.atomic_add(cnt_ptr + tl.program_id(0), 1, sem="acq_rel")
             if arrived == split - 1:  # the last: sum in split order (as _sum_splits_kernel: the same bits)
                 acc_out = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
-                for s in range(0, split):  # .cg: from L2, where the other programs' partials are
+                for s in range(split):  # .cg: from L2, where the other programs' partials are
                     acc_out += tl.load(part_ptr + s * M * H + mh, mask=omask, other=0.0, cache_modifier=".cg")
                 tl.store(out_ptr + mh, acc_out.to(out_ptr.dtype.element_ty), mask=omask)
                 tl.atomic_xchg(cnt_ptr + tl.program_id(0), 0)  # zeroed for the next call

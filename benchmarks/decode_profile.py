@@ -35,7 +35,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-
 from decode import SHAPES, DecodeArm, build_dense, error_text, free, llama_config, narrower, routed_from_dense, sync
 
 WARM_STEPS = 2  # untimed steps after each prefill: the first eager step allocates, the first replays settle
