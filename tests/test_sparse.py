@@ -380,6 +380,16 @@ def test_auto_uses_triton_only_on_cuda():
     assert not mrl.auto_uses_triton(torch.zeros(mrl.AUTO_TRITON_MAX_TOKENS + 1, H))
 
 
+def test_last_reduction_counters_are_made_outside_captures_only(monkeypatch):
+    """The "last" reduction's counters: made zeroed on first use and then reused; never made while a CUDA graph is
+    captured (the memory would be the graph's): there `_counters` gives None and down takes "split" (same bits)."""
+    monkeypatch.setattr(mrl, "_COUNTERS", {})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert mrl._counters(torch.device("cuda", 0)) is None and mrl._COUNTERS == {}
+    cpu = mrl._counters(torch.device("cpu"))  # the interpreter's device: no capture there
+    assert cpu.dtype == torch.int32 and not cpu.any() and mrl._counters(torch.device("cpu")) is cpu
+
+
 @pytest.fixture(scope="module")
 def tiny_routed_lm():
     """A tiny routed causal LM (3 layers, N = 5, k = 2) built from a random dense Llama, mask path."""
