@@ -239,13 +239,21 @@ class DecodeArm:
         return "+".join(sorted(self.ran.seen)) or "dense (k = N)"
 
     @torch.no_grad()
-    def tok_s(self, steps: int) -> float:
+    def start(self, warm_steps: int = 1) -> torch.Tensor:
+        """Prefill the prompt into the emptied cache (routing set first) and take `warm_steps` untimed steps, whose
+        implementations `ran` records; the tokens to feed next."""
         self.apply()
         self.step.reset()
-        first = self.step.forward(self.prompt).argmax(-1)  # prefill (not a decode step: not recorded)
-        with self.ran:  # one untimed step: eager without a graph, a replay (no Python) with one
-            tokens = self.step(first)
+        tokens = self.step.forward(self.prompt).argmax(-1)  # prefill (not a decode step: not recorded)
+        with self.ran:  # untimed steps: eager without a graph, a replay (no Python) with one
+            for _ in range(warm_steps):
+                tokens = self.step(tokens)
         sync(self.prompt.device)
+        return tokens
+
+    @torch.no_grad()
+    def tok_s(self, steps: int) -> float:
+        tokens = self.start()
         t0 = time.perf_counter()
         for _ in range(steps):
             tokens = self.step(tokens)

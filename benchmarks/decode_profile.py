@@ -80,21 +80,9 @@ def category(name: str) -> str:
     return "other"
 
 
-def start(arm: DecodeArm) -> torch.Tensor:
-    """Prefill the arm's prompt into its emptied cache and take WARM_STEPS untimed steps; the tokens to feed next."""
-    arm.apply()
-    arm.step.reset()
-    tokens = arm.step.forward(arm.prompt).argmax(-1)
-    with arm.ran:  # records what the routed layers run where the step runs Python (eager; the capture is earlier)
-        for _ in range(WARM_STEPS):
-            tokens = arm.step(tokens)
-    sync(arm.prompt.device)
-    return tokens
-
-
 def step_times(arm: DecodeArm, steps: int) -> list[float]:
     """Milliseconds of each of `steps` steps."""
-    tokens = start(arm)
+    tokens = arm.start(WARM_STEPS)
     if arm.prompt.device.type == "cuda":  # device time between consecutive steps' ends: no sync per step
         events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
         events[0].record()
@@ -117,7 +105,7 @@ def device_events(arm: DecodeArm, steps: int) -> list | None:
     from torch.profiler import ProfilerActivity, profile
 
     cuda = arm.prompt.device.type == "cuda"
-    tokens = start(arm)
+    tokens = arm.start(WARM_STEPS)
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         for _ in range(steps):
             tokens = arm.step(tokens)
