@@ -849,9 +849,11 @@ def _down(h, w_down, dtype, mode, t):
     col_tiles = _cdiv(inter, t["BLOCK_C"])
     split = t.get("SPLIT") or _cdiv(t["ctas_per_sm"] * _sm_count(h.device), row_tiles)
     split = max(1, min(split, col_tiles))
-    counters = _counters(h.device) if t["reduce"] == "last" else None
-    counters = counters if counters is not None and counters.numel() >= row_tiles else None
-    reduce = "split" if t["reduce"] == "last" and counters is None else t["reduce"]
+    reduce, counters = t["reduce"], None
+    if reduce == "last":
+        counters = _counters(h.device)
+        if counters is None or counters.numel() < row_tiles:  # none to give: "split" (the same bits)
+            reduce, counters = "split", None
     block_m = 16 if mode == "dot" else _pow2(m)
     if reduce == "atomic":
         part = out = torch.zeros(m, hidden, device=h.device, dtype=torch.float32)  # (M, H) added to by every split
