@@ -30,6 +30,7 @@ This file ships inside every converted checkpoint as remote code: it imports onl
 transformers and its configuration file (Triton, which ships with CUDA builds of torch, is optional).
 """
 
+import collections
 import inspect
 import operator
 import os
@@ -943,7 +944,14 @@ class GreedyDecodeStep:
     mode: the graph capture is this class's own), which fuses the many small kernels around the matrix products
     (norms, rotary embedding, residual adds); the Triton FFN stays one custom op. Compiling costs tens of seconds
     per model, batch and k, paid in the warm-up.
+
+    With `cuda_graph`, `prefill` also replays a graph for a prompt length it has seen before: an eager prefill of a
+    short prompt is bound by the host's kernel launches, and the routed FFN launches more than the stock one. The
+    first call of a length runs eagerly (a one-off prompt pays no capture), the second captures (two warm-up
+    prefills, then the capture), later ones replay. The last PREFILL_GRAPHS lengths seen are kept.
     """
+
+    PREFILL_GRAPHS = 4
 
     def __init__(self, model, batch: int, max_cache_len: int, cuda_graph: bool, compile: bool = False):
         from transformers import StaticCache
@@ -955,6 +963,8 @@ class GreedyDecodeStep:
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=model.device)  # (B, 1) the step's static input
         self.graph = None
         self.next_tokens = None
+        # prompt length -> None (seen once) or (prefill graph, static ids (B, T), logits (B, V)); oldest first
+        self.prefills = collections.OrderedDict()
         if cuda_graph:
             self._capture()
         self.reset()
@@ -968,6 +978,35 @@ class GreedyDecodeStep:
         kwargs = {_CACHE_KWARG: self.cache}
         model = self.model if model is None else model
         return model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **kwargs).logits[:, -1]
+
+    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits of the last position, (B, V), of the prompt input_ids (B, T) written into the emptied cache (call
+        `reset` first). Eager on a length's first call; from its second on (with `cuda_graph`), a graph's replay. In
+        graph mode the result is a buffer that the next prefill of this length overwrites."""
+        length = input_ids.shape[1]
+        if self.graph is None:
+            return self.forward(input_ids)
+        if length not in self.prefills:
+            self.prefills[length] = None
+            while len(self.prefills) > self.PREFILL_GRAPHS:
+                self.prefills.popitem(last=False)
+            return self.forward(input_ids)
+        self.prefills.move_to_end(length)
+        if self.prefills[length] is None:
+            ids = input_ids.clone()
+
+            def run():
+                if not torch.cuda.is_current_stream_capturing():
+                    self.cache.reset()  # each warm-up prefills an empty cache (a replay follows the caller's reset)
+                return self.forward(ids)
+
+            graph, logits = capture_cuda_graph(run)
+            self.prefills[length] = graph, ids, logits
+            self.reset()  # the warm-ups filled it
+        graph, ids, logits = self.prefills[length]
+        ids.copy_(input_ids)
+        graph.replay()
+        return logits
 
     def _step(self) -> torch.Tensor:
         return self.forward(self.ids, self.step_model).argmax(-1)  # (B,)
@@ -1082,13 +1121,14 @@ class RoutedLlamaForCausalLM(RoutedLlamaPreTrainedModel, LlamaForCausalLM):
         """Greedy decoding: the tokens `generate(input_ids, do_sample=False, max_new_tokens=...)` returns, faster.
 
         The prompt is prefilled into a StaticCache; each further token is one decode step, replayed from a CUDA
-        graph on CUDA (`cuda_graph=None` means "on CUDA"). With routing_impl "auto" or "sparse", decode steps of up to
-        AUTO_TRITON_MAX_TOKENS (resp. TRITON_MAX_TOKENS) sequences run the Triton kernels that read only the kept
+        graph on CUDA (`cuda_graph=None` means "on CUDA"). With routing_impl "auto" or "sparse", decode steps of up
+        to AUTO_TRITON_MAX_TOKENS (resp. TRITON_MAX_TOKENS) sequences run the Triton kernels that read only the kept
         clusters, and a longer prompt's prefill runs the prefill path (`triton_prefill_ffn`). With `compile` the
         decode step is also `torch.compile`d (see `GreedyDecodeStep`): faster steps, tens of seconds of compilation
-        on the first call of a shape. The graph and cache are kept for the next call
-        with the same batch size, cache length (rounded up to a multiple of 128), k, routing_impl and `compile`; the
-        first call of a shape pays for one capture (`clear_fast_generate` frees them).
+        on the first call of a shape. The graph and cache are kept for the next call with the same batch size, cache
+        length (rounded up to a multiple of 128), k, routing_impl and `compile`; the first call of a shape pays for
+        one capture (`clear_fast_generate` frees them). The prefill of a prompt length seen in an earlier such call
+        is replayed from a graph too (captured on the length's second call; see `GreedyDecodeStep`).
 
         Limits: greedy only (sampling and logits processors in `generation_config` are ignored); no padding
         (all rows of input_ids (B, T) are real tokens). Like `generate`, a row that produced an EOS token
@@ -1109,7 +1149,7 @@ class RoutedLlamaForCausalLM(RoutedLlamaPreTrainedModel, LlamaForCausalLM):
         eos_t = torch.tensor(eos, device=self.device, dtype=torch.long)
         finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
         out = torch.empty(batch, max_new_tokens, dtype=torch.long, device=self.device)  # (B, new)
-        tokens = step.forward(input_ids).argmax(-1)  # prefill, (B,)
+        tokens = step.prefill(input_ids).argmax(-1)  # (B,)
         for i in range(max_new_tokens):
             if eos:
                 tokens = torch.where(finished, pad, tokens)

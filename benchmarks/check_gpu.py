@@ -27,7 +27,8 @@ Checks (one record each: {check, ..., ok, and the measured error or the error me
 - "mask_graph": a training step of the mask path (forward and backward through routed layers) captured in a CUDA
   graph: capture fails on any host sync, and the replayed loss and gradients must equal the eager ones.
 - "generate": on --checkpoint (a routed checkpoint folder; default: a random 4-layer routed model), greedy
-  `generate` with routing_impl "mask" vs "auto", `fast_generate` vs `generate` (both "auto"), and on CUDA
+  `generate` with routing_impl "mask" vs "auto", `fast_generate` vs `generate` (both "auto"; three calls, so that on
+  CUDA the prefill runs eagerly, is captured, then replayed from its graph), and on CUDA
   `fast_generate(compile=True)` vs `fast_generate` (the first COMPILED_PREFIX tokens), batch 1 and 4:
   in fp32 the tokens must be equal; in bf16 the count of equal leading tokens is reported, not checked (bf16
   rounding differs between the paths, so greedy choices may part after a near tie).
@@ -327,7 +328,9 @@ def one_generate(record, model, ids, new, dtype):
         for impl in ("mask", "auto"):
             model.config.routing_impl = impl
             out[impl] = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new)
-    fast = model.fast_generate(ids, new)
+    # eager prefill, then (on CUDA) the prompt length's prefill captured, then replayed: every call must match
+    fast_calls = [model.fast_generate(ids, new) for _ in range(3)]
+    fast = fast_calls[-1]
     model.clear_fast_generate()
     compiled = None
     if ids.is_cuda:  # compiled decode steps: their routed layers once took cluster ids one too high (inductor)
@@ -341,9 +344,9 @@ def one_generate(record, model, ids, new, dtype):
         return int(diff[0]) if len(diff) else n
 
     record["auto_equal_prefix"] = same_prefix(out["mask"], out["auto"])
-    record["fast_equal_prefix"] = same_prefix(out["auto"], fast)
+    record["fast_equal_prefix"] = min(same_prefix(out["auto"], f) for f in fast_calls)
     record["auto_equal"] = torch.equal(out["mask"], out["auto"])
-    record["fast_equal"] = torch.equal(out["auto"], fast)
+    record["fast_equal"] = all(torch.equal(out["auto"], f) for f in fast_calls)
     checked = [record["auto_equal"], record["fast_equal"]]
     if compiled is not None:
         # inductor sums some reductions in another order, which may flip a late near-tie even in fp32; wrong routing

@@ -16,9 +16,10 @@ Rows (written to OUT/decode.json after every model, with a PNG OUT/speedup.png):
   each row is timed again with every arm's forward captured in a CUDA graph (`cuda_graph` true): no Python or launch
   time, so the ratio is the GPU's work alone, where eager prefill of one prompt is bound by the host.
 - phase "generate": the user's path, `model.fast_generate(prompt, max_new_tokens=steps)`, routed at k vs the same
-  model at k = N (dense compute); `ran` is what its routed layers ran (prefill and decode steps), recorded as above;
-  `loop_speedup` is the decode row's speedup for the same model, batch and k/N, and `fraction_of_loop_gain`
-  (speedup - 1) / (loop_speedup - 1) where the loop gained (loop_speedup > 1).
+  model at k = N (dense compute), the third call of each (steady state: the first call of a shape captures the decode
+  step, the second the prompt length's prefill); `ran` is what its routed layers ran (prefill and decode steps),
+  recorded as above; `loop_speedup` is the decode row's speedup for the same model, batch and k/N, and
+  `fraction_of_loop_gain` (speedup - 1) / (loop_speedup - 1) where the loop gained (loop_speedup > 1).
 - phase "ffn": one FFN layer alone (cycling over 6 layers' weights so no cache holds them): dense (cuBLAS), ideal,
   the mask path, each Triton decode variant (multiply mode x reduction, up to TRITON_MAX_TOKENS tokens) and the
   prefill path ("prefill": `triton_prefill_ffn`, above AUTO_TRITON_MAX_TOKENS tokens; "prefill/gather": the same
@@ -441,7 +442,10 @@ def generate_rows(name, routed, args, loop_rows, compiled=False) -> list[dict]:
             def timer(top_k):
                 def run():
                     routed.model.set_top_k(top_k)
-                    generate()  # a new k is a new key: this call captures (and compiles), the timed one replays
+                    # a new k is a new key: the first call captures the decode step (and compiles), the second the
+                    # prompt length's prefill; the timed third replays both (fast_generate's steady state)
+                    generate()
+                    generate()
                     sync(args.device)
                     t0 = time.perf_counter()
                     generate()

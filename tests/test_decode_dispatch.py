@@ -56,7 +56,18 @@ def fake_cuda_graphs(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
-    monkeypatch.setattr(torch.cuda, "graph", lambda g, **k: contextlib.nullcontext())
+    capturing = []
+
+    @contextlib.contextmanager
+    def graph(g, **k):  # the capture runs its Python (eagerly here), and says that it is capturing
+        capturing.append(g)
+        try:
+            yield
+        finally:
+            capturing.pop()
+
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: bool(capturing))
     monkeypatch.setattr(mrl, "_SIDE_STREAMS", {})
     return made
 
@@ -160,6 +171,39 @@ def test_captured_decode_step_runs_kernels_with_gradients_on(fake_cuda_graphs, k
         step = mrl.GreedyDecodeStep(model, batch=2, max_cache_len=32, cuda_graph=True)
     assert kernel_calls == [2] * 3 * 3  # 3 routed layers, 2 warm-ups and the capture, 2 tokens each
     assert isinstance(step.graph, FakeGraph)
+
+
+def test_prefill_graph_per_prompt_length(fake_cuda_graphs):
+    """With graphs, a prompt length's first prefill runs eagerly, its second captures (two warm-ups, each on an
+    emptied cache, then the capture), later ones only replay with the new ids copied into the graph's input; only the
+    last PREFILL_GRAPHS lengths are kept. Without graphs every prefill is eager."""
+    model = tiny_routed_lm("mask")
+    step = mrl.GreedyDecodeStep(model, batch=1, max_cache_len=32, cuda_graph=True)
+    seen = []  # (ids passed, cache length before the call) per forward
+    forward = step.forward
+    step.forward = lambda ids, m=None: seen.append((ids, int(step.cache.get_seq_length()))) or forward(ids, m)
+    a, b = torch.randint(1, 128, (1, 5)), torch.randint(1, 128, (1, 5))
+    step.prefill(a)
+    assert len(seen) == 1 and seen[0][0] is a
+    seen.clear()
+    step.reset()
+    captured = step.prefill(a)
+    assert len(seen) == 3 and all(torch.equal(ids, a) for ids, _ in seen)
+    assert [before for _, before in seen[:2]] == [0, 0]  # each warm-up on an emptied cache
+    assert int(step.cache.get_seq_length()) == 0  # emptied again for the replay
+    seen.clear()
+    step.reset()
+    assert step.prefill(b) is captured and seen == []  # replayed: no Python forward
+    graph, ids, logits = step.prefills[5]
+    assert torch.equal(ids, b) and logits is captured
+    for length in range(6, 6 + step.PREFILL_GRAPHS):
+        step.prefill(torch.randint(1, 128, (1, length)))
+    assert 5 not in step.prefills and len(step.prefills) == step.PREFILL_GRAPHS
+    eager = mrl.GreedyDecodeStep(model, batch=1, max_cache_len=32, cuda_graph=False)
+    for _ in range(3):
+        eager.reset()
+        eager.prefill(a)
+    assert eager.prefills == {}
 
 
 def test_eager_decode_step_runs_kernels_with_gradients_on(kernel_calls, monkeypatch):
