@@ -420,10 +420,12 @@ TRITON_TILES = {
     "dot": {"BLOCK_R": 32, "BLOCK_K": 128, "warps_gu": 4, "BLOCK_H": 64, "BLOCK_C": 64, "warps_d": 4, "ctas_per_sm": 4},
 }
 # How down's fp32 partial sums are reduced ("last" and "split": deterministic and the same bits; "atomic": atomic adds;
-# see the notes above) and how many programs per SM down aims for (unless the mode sets its own). "last" measured
-# fastest (results/decode-kernels/, H200, bf16, Llama-7B FFN alone, per layer): 1 token 48.0 us against "split" 48.8
-# and "atomic" 49.5 at k/N 1/2, 32.8 against 33.6 and 34.1 at 1/4; 4 tokens ("dot") 85.4 against 86.9 and 86.4.
-TRITON_OPTIONS = {"reduce": "last", "ctas_per_sm": 8}
+# see the notes above), how many programs per SM down aims for (unless the mode sets its own), and the warps of the
+# router-scores kernel. "last" measured fastest (results/decode-kernels/, H200, bf16, Llama-7B FFN alone, per layer):
+# 1 token 48.0 us against "split" 48.8 and "atomic" 49.5 at k/N 1/2, 32.8 against 33.6 and 34.1 at 1/4; 4 tokens
+# ("dot") 85.4 against 86.9 and 86.4. Scores with 8 warps: 46.8 against 47.7 us (4 warps), 48.9 (1) and 49.6 (2) at
+# 1 token and k/N 1/2, 31.8 against 32.7 at 1/4, 83.4 against 84.3 at 4 tokens (results/decode-kernels/variants/).
+TRITON_OPTIONS = {"reduce": "last", "ctas_per_sm": 8, "warps_scores": 8}
 _MODES = {"gemv1": 0, "gemv": 1, "dot": 2}
 _REDUCE = {"split": 0, "atomic": 1, "last": 2}
 # The prefill path's routing kernel (`_route_rows_kernel`): tokens per program, rows per inner step, rows per program,
@@ -775,7 +777,7 @@ def triton_routed_ffn(x, *, w_gate, w_up, w_down, row_cluster, top_k, centroids=
     route = centroids is not None
     if route:
         block_h = min(4096, _pow2(hidden))
-        _centroid_scores_kernel[(n, m)](x, centroids, scores, hidden, n, BLOCK_H=block_h)
+        _centroid_scores_kernel[(n, m)](x, centroids, scores, hidden, n, BLOCK_H=block_h, num_warps=t["warps_scores"])
     grid_rows = (_cdiv(inter, t["BLOCK_R"]),)
     _gate_up_kernel[grid_rows](
         x, w_gate, w_up, row_cluster, scores, h, m, hidden, inter, n, top_k, ROUTE=route, MODE=_MODES[mode],
