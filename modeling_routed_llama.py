@@ -424,7 +424,7 @@ TRITON_TILES = {
 # router-scores kernel. "last" measured fastest (results/decode-kernels/, H200, bf16, Llama-7B FFN alone, per layer):
 # 1 token 48.0 us against "split" 48.8 and "atomic" 49.5 at k/N 1/2, 32.8 against 33.6 and 34.1 at 1/4; 4 tokens
 # ("dot") 85.4 against 86.9 and 86.4. Scores with 8 warps: 46.8 against 47.7 us (4 warps), 48.9 (1) and 49.6 (2) at
-# 1 token and k/N 1/2, 31.8 against 32.7 at 1/4, 83.4 against 84.3 at 4 tokens (results/decode-kernels/variants/).
+# 1 token and k/N 1/2, 31.8 against 32.7 at 1/4, 83.4 against 84.3 at 4 tokens (results/decode-kernels-2/variants/).
 TRITON_OPTIONS = {"reduce": "last", "ctas_per_sm": 8, "warps_scores": 8}
 _MODES = {"gemv1": 0, "gemv": 1, "dot": 2}
 _REDUCE = {"split": 0, "atomic": 1, "last": 2}
@@ -950,7 +950,9 @@ class GreedyDecodeStep:
     With `cuda_graph`, `prefill` also replays a graph for a prompt length it has seen before: an eager prefill of a
     short prompt is bound by the host's kernel launches, and the routed FFN launches more than the stock one. The
     first call of a length runs eagerly (a one-off prompt pays no capture), the second captures (two warm-up
-    prefills, then the capture), later ones replay. The last PREFILL_GRAPHS lengths seen are kept.
+    prefills, then the capture), later ones replay. The last PREFILL_GRAPHS lengths seen are kept; each kept graph
+    holds the memory of its prefill's activations until it is dropped (or `clear_fast_generate` drops the step), and
+    PREFILL_GRAPHS = 0 keeps none (every prefill eager).
     """
 
     PREFILL_GRAPHS = 4

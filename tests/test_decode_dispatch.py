@@ -176,7 +176,7 @@ def test_captured_decode_step_runs_kernels_with_gradients_on(fake_cuda_graphs, k
 def test_prefill_graph_per_prompt_length(fake_cuda_graphs):
     """With graphs, a prompt length's first prefill runs eagerly, its second captures (two warm-ups, each on an
     emptied cache, then the capture), later ones only replay with the new ids copied into the graph's input; only the
-    last PREFILL_GRAPHS lengths are kept. Without graphs every prefill is eager."""
+    last PREFILL_GRAPHS lengths are kept (none: every prefill eager). Without graphs every prefill is eager."""
     model = tiny_routed_lm("mask")
     step = mrl.GreedyDecodeStep(model, batch=1, max_cache_len=32, cuda_graph=True)
     seen = []  # (ids passed, cache length before the call) per forward
@@ -199,6 +199,12 @@ def test_prefill_graph_per_prompt_length(fake_cuda_graphs):
     for length in range(6, 6 + step.PREFILL_GRAPHS):
         step.prefill(torch.randint(1, 128, (1, length)))
     assert 5 not in step.prefills and len(step.prefills) == step.PREFILL_GRAPHS
+    step.PREFILL_GRAPHS = 0  # none kept: every prefill eager
+    seen.clear()
+    for _ in range(3):
+        step.reset()
+        step.prefill(a)
+    assert len(seen) == 3 and step.prefills == {}
     eager = mrl.GreedyDecodeStep(model, batch=1, max_cache_len=32, cuda_graph=False)
     for _ in range(3):
         eager.reset()
