@@ -413,9 +413,14 @@ class RoutedLlamaMLP(nn.Module):
 # coordinate search, gate/up first: results/decode-compiled/decode.json "tuning"): gemv1 48.4 us per layer against
 # 51.6 us for the earlier reasoned choice (BLOCK_R 8, BLOCK_K 512, 4 warps; BLOCK_H 16, BLOCK_C 256, 4 warps, 8 per
 # SM), dot (4 tokens) 86.4 us against 96.5 us (BLOCK_H 32, BLOCK_C 128, 8 per SM). "gemv" is not tuned (never chosen).
+# gemv1's down tiles later changed to BLOCK_H 16 at 8 per SM, and "pdl" (programmatic dependent launch: gate/up and
+# down are launched while the kernel before them runs and wait for it on the GPU, so their launch and ramp overlap it)
+# turned on, from an ad hoc sweep in one process (results/decode-kernels-3/, H200, 2026-11-30, two passes each): per
+# layer at k/N 1/2, 46.97 us before, 46.38-46.50 with the tiles, 45.80-45.95 with pdl, 45.48-45.58 with both; at 1/4
+# 31.74-31.80, 31.37-31.40, 31.38-31.49, 30.96-30.97. pdl made "dot" (4 tokens) slower (84.3 -> 90.3 us): off there.
 TRITON_TILES = {
-    "gemv1": {"BLOCK_R": 2, "BLOCK_K": 512, "warps_gu": 2, "BLOCK_H": 32, "BLOCK_C": 128, "warps_d": 2,
-              "ctas_per_sm": 4},
+    "gemv1": {"BLOCK_R": 2, "BLOCK_K": 512, "warps_gu": 2, "BLOCK_H": 16, "BLOCK_C": 128, "warps_d": 2,
+              "ctas_per_sm": 8, "pdl": True},
     "gemv": {"BLOCK_R": 8, "BLOCK_K": 256, "warps_gu": 4, "BLOCK_H": 16, "BLOCK_C": 128, "warps_d": 4},
     "dot": {"BLOCK_R": 32, "BLOCK_K": 128, "warps_gu": 4, "BLOCK_H": 64, "BLOCK_C": 64, "warps_d": 4, "ctas_per_sm": 4},
 }
@@ -425,7 +430,8 @@ TRITON_TILES = {
 # 1 token 48.0 us against "split" 48.8 and "atomic" 49.5 at k/N 1/2, 32.8 against 33.6 and 34.1 at 1/4; 4 tokens
 # ("dot") 85.4 against 86.9 and 86.4. Scores with 8 warps: 46.8 against 47.7 us (4 warps), 48.9 (1) and 49.6 (2) at
 # 1 token and k/N 1/2, 31.8 against 32.7 at 1/4, 83.4 against 84.3 at 4 tokens (results/decode-kernels-2/variants/).
-TRITON_OPTIONS = {"reduce": "last", "ctas_per_sm": 8, "warps_scores": 8}
+# "pdl" is off unless a mode turns it on (above); CUDA devices below compute capability 9.0 never use it (`_pdl`).
+TRITON_OPTIONS = {"reduce": "last", "ctas_per_sm": 8, "warps_scores": 8, "pdl": False}
 _MODES = {"gemv1": 0, "gemv": 1, "dot": 2}
 _REDUCE = {"split": 0, "atomic": 1, "last": 2}
 # The prefill path's routing kernel (`_route_rows_kernel`): tokens per program, rows per inner step, rows per program,
@@ -440,8 +446,10 @@ PREFILL_TILES = {"BLOCK_M": 4, "BLOCK_R": 512, "ROWS": 2048, "warps": 8, "keep_b
 if triton is not None:
 
     @triton.jit
-    def _centroid_scores_kernel(x_ptr, c_ptr, s_ptr, H, N, BLOCK_H: tl.constexpr):
+    def _centroid_scores_kernel(x_ptr, c_ptr, s_ptr, H, N, BLOCK_H: tl.constexpr, PDL: tl.constexpr):
         # program (e, m): s[m, e] = x[m] . centroid[e] in fp32
+        if PDL:  # let gate/up's programs start on the SMs these few programs leave idle (they wait for this grid)
+            tl.extra.cuda.gdc_launch_dependents()
         e = tl.program_id(0)
         m = tl.program_id(1)
         acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
@@ -522,11 +530,14 @@ if triton is not None:
     @triton.jit
     def _gate_up_kernel(x_ptr, wg_ptr, wu_ptr, rc_ptr, s_ptr, h_ptr, M, H, I, N, top_k,
                         ROUTE: tl.constexpr, MODE: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+                        BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
         # program t: rows [t * BR, (t + 1) * BR) of h (M, I) = silu(x Wg^T) * (x Wu^T), zero where not kept
         r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BR,)
         m = tl.arange(0, BLOCK_M)
         valid = (m[:, None] < M) & (r[None, :] < I)  # (BM, BR)
+        if PDL:  # launched before the previous kernel ended: wait for it before any read or write
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()  # down's programs may start as this grid's last programs run
         if ROUTE:
             rc = tl.load(rc_ptr + r, mask=r < I, other=0)
             kept = _kept(s_ptr, rc, M, N, top_k, BLOCK_M, BLOCK_N) & valid
@@ -567,13 +578,15 @@ if triton is not None:
     @triton.jit
     def _down_kernel(h_ptr, wd_ptr, part_ptr, out_ptr, cnt_ptr, M, H, I, n_col_tiles, split,
                      MODE: tl.constexpr, DOT_FP32: tl.constexpr, REDUCE: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
+                     BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
         # program (row tile, g): out rows of this tile summed over column tiles g, g + split, ... (kept ones only), in
         # fp32: REDUCE 0 stores the partial in part[g] (summed by `_sum_splits_kernel`), 1 adds it to part[0]
         # atomically, 2 stores it in part[g] and the tile's last program to arrive sums part[0..split) into out.
         # A tile is read whole or not at all: masking out the columns of dropped clusters in groups of 8 (a tile that
         # straddles a kept cluster reads a dropped one's columns too) read fewer bytes but measured slower, 53.0
         # against 48.5 us per Llama-7B layer at k/N 1/2 (H200; results/decode-kernels/).
+        if PDL:  # launched before gate/up ended: wait for h
+            tl.extra.cuda.gdc_wait()
         rows = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)  # (BH,)
         g = tl.program_id(1)
         m = tl.arange(0, BLOCK_M)
@@ -728,6 +741,24 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[index]
 
 
+# Programmatic dependent launch needs griddepcontrol (NVIDIA compute capability 9.0 and up) and a Triton that has it.
+_PDL_TRITON = triton is not None and hasattr(getattr(getattr(tl, "extra", None), "cuda", None), "gdc_wait")
+
+
+def _pdl(device: torch.device, t: dict) -> bool:
+    """Programmatic dependent launch for gate/up and down (t["pdl"]): a kernel is launched while the one before it
+    runs and waits for it on the GPU (griddepcontrol) before any read or write. NVIDIA devices of capability >= 9.0."""
+    if not (t.get("pdl") and _PDL_TRITON and device.type == "cuda" and torch.version.hip is None):
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    _capable(index)  # fills _CAPABILITY
+    return _CAPABILITY[index] >= (9, 0)
+
+
+def _pdl_launch(pdl: bool) -> dict:
+    return {"launch_pdl": True} if pdl else {}
+
+
 def _dot_fp32(dtype: torch.dtype) -> bool:
     """tl.dot in fp32 ("ieee"): for fp32 inputs, and for bf16 under the CPU interpreter, whose bf16 dot is wrong."""
     return dtype == torch.float32 or (TRITON_INTERPRET and dtype == torch.bfloat16)
@@ -775,14 +806,16 @@ def triton_routed_ffn(x, *, w_gate, w_up, w_down, row_cluster, top_k, centroids=
     scores = torch.empty(m, n, device=x.device, dtype=torch.float32)  # (M, N)
     h = torch.empty(m, inter, device=x.device, dtype=torch.float32)  # (M, I), every element written below
     route = centroids is not None
+    pdl = _pdl(x.device, t)
     if route:
         block_h = min(4096, _pow2(hidden))
-        _centroid_scores_kernel[(n, m)](x, centroids, scores, hidden, n, BLOCK_H=block_h, num_warps=t["warps_scores"])
+        _centroid_scores_kernel[(n, m)](x, centroids, scores, hidden, n, BLOCK_H=block_h, PDL=pdl,
+                                        num_warps=t["warps_scores"])  # fmt: skip
     grid_rows = (_cdiv(inter, t["BLOCK_R"]),)
     _gate_up_kernel[grid_rows](
         x, w_gate, w_up, row_cluster, scores, h, m, hidden, inter, n, top_k, ROUTE=route, MODE=_MODES[mode],
         DOT_FP32=_dot_fp32(x.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=t["BLOCK_R"], BLOCK_K=t["BLOCK_K"],
-        num_warps=t["warps_gu"],
+        PDL=pdl, num_warps=t["warps_gu"], **_pdl_launch(pdl),
     )  # fmt: skip
     if not route:
         _cluster_rms_kernel[(n, m)](h, offsets, scores, inter, n, BLOCK_C=256)
@@ -863,10 +896,11 @@ def _down(h, w_down, dtype, mode, t):
     else:
         part = torch.empty(split, m, hidden, device=h.device, dtype=torch.float32)  # (SPLIT, M, H)
         out = torch.empty(m, hidden, device=h.device, dtype=dtype)
+    pdl = _pdl(h.device, t)
     _down_kernel[(row_tiles, split)](
         h, w_down, part, out, counters if counters is not None else part, m, hidden, inter, col_tiles, split,
         MODE=_MODES[mode], DOT_FP32=_dot_fp32(dtype), REDUCE=_REDUCE[reduce], BLOCK_M=block_m, BLOCK_H=t["BLOCK_H"],
-        BLOCK_C=t["BLOCK_C"], num_warps=t["warps_d"],
+        BLOCK_C=t["BLOCK_C"], PDL=pdl, num_warps=t["warps_d"], **_pdl_launch(pdl),
     )  # fmt: skip
     if reduce == "atomic":
         return part.to(dtype)

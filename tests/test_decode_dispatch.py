@@ -156,6 +156,50 @@ def test_routed_ffn_launches_the_measured_mode(impl, tokens, mode, launches, mon
     assert modes == {mrl._MODES[mode]}, launches
 
 
+def test_pdl_only_on_nvidia_capability_9(monkeypatch):
+    """Programmatic dependent launch (griddepcontrol) exists from compute capability 9.0 on NVIDIA GPUs only; the
+    option is off where the tiles do not ask for it."""
+    monkeypatch.setattr(mrl, "_CAPABILITY", {0: (9, 0), 1: (8, 9)})
+    monkeypatch.setattr(mrl, "_PDL_TRITON", True)
+    cuda0, cuda1 = torch.device("cuda", 0), torch.device("cuda", 1)
+    assert mrl._pdl(cuda0, {"pdl": True}) and not mrl._pdl(cuda1, {"pdl": True})
+    assert not mrl._pdl(cuda0, {"pdl": False}) and not mrl._pdl(cuda0, {})
+    assert not mrl._pdl(torch.device("cpu"), {"pdl": True})
+    monkeypatch.setattr(mrl, "_PDL_TRITON", False)  # a Triton without gdc_wait
+    assert not mrl._pdl(cuda0, {"pdl": True})
+    monkeypatch.setattr(mrl, "_PDL_TRITON", True)
+    monkeypatch.setattr(torch.version, "hip", "6.2")  # ROCm reports its own "capability" numbers
+    assert not mrl._pdl(cuda0, {"pdl": True})
+
+
+@needs_triton
+@pytest.mark.parametrize("tokens", [1, 4])
+def test_pdl_launches_as_the_tiles_say(tokens, monkeypatch):
+    """Where PDL is available, one token ("gemv1", measured faster with it) launches gate/up and down with
+    launch_pdl and their kernels wait (PDL=True), and the scores kernel lets them start; 4 tokens ("dot", measured
+    slower with it) launch none of it."""
+    as_on_h200(monkeypatch)
+    monkeypatch.setattr(mrl, "_pdl", lambda device, t: bool(t.get("pdl")))  # as on an H200
+    log = []
+
+    class Launcher:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *a, **kw: log.append((self.name, kw.get("PDL"), kw.get("launch_pdl", False)))
+
+    for name in ("_centroid_scores_kernel", "_gate_up_kernel", "_down_kernel", "_sum_splits_kernel"):
+        monkeypatch.setattr(mrl, name, Launcher(name))
+    x = torch.randn(tokens, 64)
+    w = torch.randn(150, 64)
+    mrl.triton_routed_ffn(x, w_gate=w, w_up=w, w_down=torch.randn(64, 150), top_k=2, centroids=torch.randn(5, 64),
+                          row_cluster=torch.arange(150, dtype=torch.int32) // 30, tiles={"reduce": "split"})  # fmt: skip
+    on = tokens == 1
+    assert log == [("_centroid_scores_kernel", on, False), ("_gate_up_kernel", on, on), ("_down_kernel", on, on),
+                   ("_sum_splits_kernel", None, False)]  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The decode step runs the kernels whatever the caller's grad mode
 # ---------------------------------------------------------------------------------------------------------------

@@ -586,7 +586,9 @@ import modeling_routed_llama as mrl
 def build(fn, sig, consts):
     full = {**sig, **{k: "constexpr" for k in consts}}
     src = ASTSource(fn=fn, signature=full, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
-    triton.compile(src, target=GPUTarget("cuda", 90, 32))
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+    if ("griddepcontrol" in ptx) != bool(consts.get("PDL")):  # PDL=True waits/triggers, PDL=False does not
+        raise AssertionError(f"griddepcontrol in the PTX: {'griddepcontrol' in ptx}")
 
 cases = []
 for dt, dot_fp32 in (("bf16", False), ("fp32", True)):
@@ -595,10 +597,14 @@ for dt, dot_fp32 in (("bf16", False), ("fp32", True)):
               "h_ptr": "*fp32", **{n: "i32" for n in ("M", "H", "I", "N", "top_k")}}
         down = {"h_ptr": "*fp32", "wd_ptr": "*" + dt, "part_ptr": "*fp32", "out_ptr": "*" + dt, "cnt_ptr": "*i32",
                 **{n: "i32" for n in ("M", "H", "I", "n_col_tiles", "split")}}
+        pdls = (False, True) if dt == "bf16" else (False,)  # programmatic dependent launch: griddepcontrol (sm_90)
         cases += [(mrl._gate_up_kernel, gu, dict(ROUTE=route, MODE=mode, DOT_FP32=dot_fp32, BLOCK_M=bm, BLOCK_N=32,
-                                                 BLOCK_R=64, BLOCK_K=128)) for route in (True, False)]
+                                                 BLOCK_R=64, BLOCK_K=128, PDL=pdl)) for route in (True, False)
+                  for pdl in pdls]
         cases += [(mrl._down_kernel, down, dict(MODE=mode, DOT_FP32=dot_fp32, REDUCE=reduce, BLOCK_M=bm, BLOCK_H=64,
-                                                BLOCK_C=128)) for reduce in (0, 1, 2)]
+                                                BLOCK_C=128, PDL=pdl)) for reduce in (0, 1, 2) for pdl in pdls]
+    scores = {"x_ptr": "*" + dt, "c_ptr": "*" + dt, "s_ptr": "*fp32", "H": "i32", "N": "i32"}
+    cases += [(mrl._centroid_scores_kernel, scores, dict(BLOCK_H=4096, PDL=pdl)) for pdl in (False, True)]
     # the prefill path: the routing kernel (with and without the activation; h in the weights' dtype) and the RMS
     # scores of such an h (activation router)
     rows = {"g_ptr": "*" + dt, "u_ptr": "*" + dt, "rc_ptr": "*i32", "s_ptr": "*fp32", "h_ptr": "*" + dt,
