@@ -644,6 +644,12 @@ TUNE_DOWN = {
 }  # fmt: skip
 
 
+def tune_start(mode: str) -> dict:
+    """The search's first point: the tiles and options `triton_routed_ffn` uses for this mode (a mode's own entries,
+    e.g. gemv1's ctas_per_sm and pdl, over TRITON_OPTIONS'), with the "split" reduction."""
+    return {"mode": mode, **mrl.TRITON_OPTIONS, **mrl.TRITON_TILES[mode], "reduce": "split"}
+
+
 def tune_rows(shape: str, args) -> list[dict]:
     """Microseconds per FFN layer (k/N = 1/2) for alternative tiles of the 1-token ("gemv1") and 4-token ("dot")
     modes, gate/up's first, then down's; with --apply-tuning the fastest become TRITON_TILES for the rows after."""
@@ -665,7 +671,7 @@ def tune_rows(shape: str, args) -> list[dict]:
         return row
 
     for mode, tokens in (("gemv1", 1), ("dot", 4)):
-        best = {"mode": mode, "reduce": "split", **mrl.TRITON_TILES[mode], **mrl.TRITON_OPTIONS}
+        best = tune_start(mode)
         for stage, grid in (("gate_up", TUNE_GATE_UP[mode]), ("down", TUNE_DOWN[mode])):
             results = [timed(mode, tokens, {**best, **tiles}, stage) for tiles in grid]
             fastest = min((r for r in results if r.get("us")), key=lambda r: r["us"], default=None)

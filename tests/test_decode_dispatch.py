@@ -301,3 +301,14 @@ def test_decode_benchmark_routed_arm_runs_and_records_the_kernels(tmp_path, fake
     ran = {r["batch"]: r["ran"] for r in rows if r["phase"] == "generate"}
     assert ran == {1: ["mask", "triton/gemv1"], 4: ["mask", "triton/dot"]}
     assert 1 in kernel_calls and 4 in kernel_calls
+
+
+def test_tuning_starts_from_the_tiles_the_model_runs():
+    """`decode.py --tune` starts each mode's search from what `triton_routed_ffn` would run: the mode's own entries
+    (gemv1's programs per SM and PDL) win over TRITON_OPTIONS', as there; only the reduction is "split"."""
+    decode = load_decode_benchmark()
+    for mode in ("gemv1", "dot"):
+        start = decode.tune_start(mode)
+        runs = {**mrl.TRITON_OPTIONS, **mrl.TRITON_TILES[mode]}
+        assert start == {"mode": mode, **runs, "reduce": "split"}
+    assert decode.tune_start("gemv1")["pdl"] is True and decode.tune_start("dot")["pdl"] is False
