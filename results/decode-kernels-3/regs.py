@@ -1,6 +1,6 @@
 # ad hoc: registers and spills of down's one-token variant, compiled for sm_90 without a GPU (Triton CPU machine).
 # usage: regs.py REPO_ROOT BLOCK_H WARPS [KEEP_BITS 0|1] [H_BCAST 0|1]  (KEEP_BITS/H_BCAST only where the kernel has them)
-import sys, subprocess, importlib.util, os, tempfile, re
+import sys, subprocess, importlib.util, os, tempfile
 root = sys.argv[1]
 sys.path.insert(0, root)
 spec = importlib.util.spec_from_file_location("mrl_x", os.path.join(root, "modeling_routed_llama.py"))
@@ -8,7 +8,6 @@ m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)
 import triton
 from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
-import inspect
 fn = m._down_kernel
 sig = {"h_ptr": "*fp32", "wd_ptr": "*bf16", "part_ptr": "*fp32", "out_ptr": "*bf16", "cnt_ptr": "*i32",
        **{n: "i32" for n in ("M", "H", "I", "n_col_tiles", "split")}}
