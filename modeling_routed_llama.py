@@ -100,19 +100,24 @@ def cluster_means(weight: torch.Tensor, offsets: list[int]) -> torch.Tensor:
 _CAPABILITY = {}  # CUDA device index -> compute capability, asked once (eager prefill asks in every layer)
 
 
-@torch.compiler.assume_constant_result  # under torch.compile: a constant of the graph, not a traced device query
-def _capable(index: int) -> bool:
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def _capability(index: int) -> tuple[int, int]:
     if index not in _CAPABILITY:
         _CAPABILITY[index] = torch.cuda.get_device_capability(index)
-    return _CAPABILITY[index] >= AUTO_MIN_CAPABILITY
+    return _CAPABILITY[index]
+
+
+@torch.compiler.assume_constant_result  # under torch.compile: a constant of the graph, not a traced device query
+def _capable(index: int) -> bool:
+    return _capability(index) >= AUTO_MIN_CAPABILITY
 
 
 def _auto_device(x: torch.Tensor) -> bool:
     """The device half of `routing_impl="auto"`: x is on a CUDA device of compute capability >= AUTO_MIN_CAPABILITY."""
-    if not x.is_cuda:
-        return False
-    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    return _capable(index)
+    return x.is_cuda and _capable(_cuda_index(x.device))
 
 
 def auto_uses_triton(x: torch.Tensor) -> bool:
@@ -530,7 +535,8 @@ if triton is not None:
     @triton.jit
     def _gate_up_kernel(x_ptr, wg_ptr, wu_ptr, rc_ptr, s_ptr, h_ptr, M, H, I, N, top_k,
                         ROUTE: tl.constexpr, MODE: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+                        BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                        PDL: tl.constexpr):  # fmt: skip
         # program t: rows [t * BR, (t + 1) * BR) of h (M, I) = silu(x Wg^T) * (x Wu^T), zero where not kept
         r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BR,)
         m = tl.arange(0, BLOCK_M)
@@ -735,7 +741,7 @@ _SM_COUNT = {}
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 4  # the CPU interpreter: any small number exercises the split
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = _cuda_index(device)
     if index not in _SM_COUNT:
         _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
     return _SM_COUNT[index]
@@ -750,9 +756,7 @@ def _pdl(device: torch.device, t: dict) -> bool:
     runs and waits for it on the GPU (griddepcontrol) before any read or write. NVIDIA devices of capability >= 9.0."""
     if not (t.get("pdl") and _PDL_TRITON and device.type == "cuda" and torch.version.hip is None):
         return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    _capable(index)  # fills _CAPABILITY
-    return _CAPABILITY[index] >= (9, 0)
+    return _capability(_cuda_index(device)) >= (9, 0)
 
 
 def _pdl_launch(pdl: bool) -> dict:
@@ -762,6 +766,12 @@ def _pdl_launch(pdl: bool) -> dict:
 def _dot_fp32(dtype: torch.dtype) -> bool:
     """tl.dot in fp32 ("ieee"): for fp32 inputs, and for bf16 under the CPU interpreter, whose bf16 dot is wrong."""
     return dtype == torch.float32 or (TRITON_INTERPRET and dtype == torch.bfloat16)
+
+
+def resolved_tiles(mode: str, tiles: dict | None = None) -> dict:
+    """What the decode kernels run in `mode`: TRITON_OPTIONS, overridden by the mode's own TRITON_TILES entries (e.g.
+    gemv1's ctas_per_sm and pdl), overridden by `tiles`."""
+    return {**TRITON_OPTIONS, **TRITON_TILES[mode], **(tiles or {})}
 
 
 def triton_mode(tokens: int, tiles: dict | None = None) -> str:
@@ -799,7 +809,7 @@ def triton_routed_ffn(x, *, w_gate, w_up, w_down, row_cluster, top_k, centroids=
                                   centroids=centroids, offsets=offsets, tiles=tiles)  # fmt: skip
     inter = w_gate.shape[0]
     n = centroids.shape[0] if centroids is not None else offsets.numel() - 1
-    t = {**TRITON_OPTIONS, **TRITON_TILES[mode], **tiles}  # a mode may set its own ctas_per_sm
+    t = resolved_tiles(mode, tiles)
     block_m = 16 if mode == "dot" else _pow2(m)
     block_n = _pow2(n)
     x = x.contiguous()
@@ -821,7 +831,7 @@ def triton_routed_ffn(x, *, w_gate, w_up, w_down, row_cluster, top_k, centroids=
         _cluster_rms_kernel[(n, m)](h, offsets, scores, inter, n, BLOCK_C=256)
         _mask_rows_kernel[grid_rows](h, row_cluster, scores, m, inter, n, top_k, BLOCK_M=block_m, BLOCK_N=block_n,
                                      BLOCK_R=t["BLOCK_R"])  # fmt: skip
-    return _down(h, w_down, x.dtype, mode, t)
+    return _down(h, w_down, x.dtype, mode, t, pdl)
 
 
 def triton_prefill_ffn(x, *, w_gate, w_up, w_down, row_cluster, top_k, centroids=None, offsets=None, tiles=None):
@@ -876,7 +886,7 @@ def _counters(device: torch.device) -> torch.Tensor | None:
     return buf
 
 
-def _down(h, w_down, dtype, mode, t):
+def _down(h, w_down, dtype, mode, t, pdl):
     """out (M, H) = h (M, I) @ W_down^T over the column tiles where h is nonzero, with fp32 partial sums reduced as
     t["reduce"] says ("last" runs "split", which gives the same bits, where `_counters` has none to give)."""
     m, inter = h.shape
@@ -896,7 +906,6 @@ def _down(h, w_down, dtype, mode, t):
     else:
         part = torch.empty(split, m, hidden, device=h.device, dtype=torch.float32)  # (SPLIT, M, H)
         out = torch.empty(m, hidden, device=h.device, dtype=dtype)
-    pdl = _pdl(h.device, t)
     _down_kernel[(row_tiles, split)](
         h, w_down, part, out, counters if counters is not None else part, m, hidden, inter, col_tiles, split,
         MODE=_MODES[mode], DOT_FP32=_dot_fp32(dtype), REDUCE=_REDUCE[reduce], BLOCK_M=block_m, BLOCK_H=t["BLOCK_H"],

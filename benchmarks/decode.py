@@ -58,6 +58,12 @@ SHAPES = {
 LLAMA_KEYS = ("model_type", "architectures", "transformers_version", "dtype", "torch_dtype", "auto_map")
 
 
+def add_device_args(p: argparse.ArgumentParser):
+    """--device and --dtype, as every decode-family benchmark takes them (defaults: the GPU if there is one, bf16)."""
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="folder for decode.json and speedup.png (created)")
@@ -87,8 +93,7 @@ def parse_args(argv=None):
     p.add_argument("--only-ffn", action="store_true", help="only the FFN rows (and --tune): no whole-model rows")
     p.add_argument("--phases", nargs="+", default=["decode", "prefill", "generate"],
                    choices=["decode", "prefill", "generate"], help="whole-model phases to time (default: all)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    add_device_args(p)
     args = p.parse_args(argv)
     if args.repeats < 1 or args.steps < 1:
         p.error("--repeats and --steps must be at least 1")
@@ -500,7 +505,7 @@ def variant_name(v: dict) -> str:
 def bytes_read(mlp, x, variant: dict) -> tuple[int, int]:
     """(bytes the kernels read for x, bytes of the kept clusters' weights): weight tiles of rows any token keeps,
     rounded out to the kernels' tiles, plus the centroids."""
-    t = {**mrl.TRITON_TILES[variant["mode"]], **variant}
+    t = mrl.resolved_tiles(variant["mode"], variant)
     with torch.no_grad():
         keep = torch.zeros(x.shape[0], mlp.router.num_experts, dtype=torch.bool, device=x.device)
         keep.scatter_(1, mlp.router(x, mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)), True)
@@ -647,7 +652,7 @@ TUNE_DOWN = {
 def tune_start(mode: str) -> dict:
     """The search's first point: the tiles and options `triton_routed_ffn` uses for this mode (a mode's own entries,
     e.g. gemv1's ctas_per_sm and pdl, over TRITON_OPTIONS'), with the "split" reduction."""
-    return {"mode": mode, **mrl.TRITON_OPTIONS, **mrl.TRITON_TILES[mode], "reduce": "split"}
+    return {"mode": mode, **mrl.resolved_tiles(mode), "reduce": "split"}
 
 
 def tune_rows(shape: str, args) -> list[dict]:

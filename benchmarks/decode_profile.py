@@ -35,7 +35,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from decode import SHAPES, DecodeArm, build_dense, error_text, free, llama_config, narrower, routed_from_dense, sync
+from decode import (SHAPES, DecodeArm, add_device_args, build_dense, error_text, free, llama_config, narrower,
+                    routed_from_dense, sync)
 
 WARM_STEPS = 2  # untimed steps after each prefill: the first eager step allocates, the first replays settle
 ROUTED_KERNELS = ("_gate_up_kernel", "_down_kernel", "_centroid_scores_kernel", "_sum_splits_kernel",
@@ -58,8 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--profile-steps", type=int, default=20, help="steps in each arm's profiler trace")
     p.add_argument("--top", type=int, default=25, help="kernels listed per arm")
     p.add_argument("--compile", action="store_true", help="every arm's decode step torch.compile'd")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    add_device_args(p)
     args = p.parse_args(argv)
     if args.steps < 1 or args.profile_steps < 1:
         p.error("--steps and --profile-steps must be at least 1")

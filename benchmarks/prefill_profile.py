@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 import modeling_routed_llama as mrl
-from decode import SHAPES, Ran, build_dense, free, llama_config, routed_from_dense, sync
+from decode import SHAPES, Ran, add_device_args, build_dense, free, llama_config, routed_from_dense, sync
 
 LABELS = ("forward", "ffn")  # record_function ranges of this script, not ops
 SYNC_NAMES = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "aten::_local_scalar_dense")
@@ -51,8 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--profile-forwards", type=int, default=3, help="forwards in each arm's profiler trace")
     p.add_argument("--ffn-calls", type=int, default=200, help="calls per FFN module in the ffn_host timing")
     p.add_argument("--top", type=int, default=15, help="ops and kernels listed per arm")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    add_device_args(p)
     return p.parse_args(argv)
 
 
