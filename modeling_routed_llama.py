@@ -748,15 +748,17 @@ def _sm_count(device: torch.device) -> int:
 
 
 # Programmatic dependent launch needs griddepcontrol (NVIDIA compute capability 9.0 and up) and a Triton that has it.
+PDL_MIN_CAPABILITY = (9, 0)
 _PDL_TRITON = triton is not None and hasattr(getattr(getattr(tl, "extra", None), "cuda", None), "gdc_wait")
 
 
 def _pdl(device: torch.device, t: dict) -> bool:
     """Programmatic dependent launch for gate/up and down (t["pdl"]): a kernel is launched while the one before it
-    runs and waits for it on the GPU (griddepcontrol) before any read or write. NVIDIA devices of capability >= 9.0."""
+    runs and waits for it on the GPU (griddepcontrol) before any read or write. NVIDIA devices of capability >=
+    PDL_MIN_CAPABILITY."""
     if not (t.get("pdl") and _PDL_TRITON and device.type == "cuda" and torch.version.hip is None):
         return False
-    return _capability(_cuda_index(device)) >= (9, 0)
+    return _capability(_cuda_index(device)) >= PDL_MIN_CAPABILITY
 
 
 def _pdl_launch(pdl: bool) -> dict:
